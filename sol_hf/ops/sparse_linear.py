@@ -1,0 +1,199 @@
+"""Activation-sparse linear layers: keep the top-|x| input channels of each row.
+
+Shapes: ``N`` rows (tokens), ``Din`` input channels, ``Dout`` output channels.
+The kernel path reads only the weight columns of kept channels; the weight is stored
+transposed, ``(Din, Dout)`` row-major, so one input channel's weights are contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import HAS_TRITON, target_programs, tl, triton, use_triton
+
+__all__ = ["sparse_linear_triton", "topk_channel_mask", "topk_channels", "sparse_linear_naive", "sparse_linear", "prepare_sparse_weight"]
+
+
+def _rank_by_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """(N, Din) -> (N, Din) int64 rank of each channel by descending |x| (0 = largest), ties
+    broken by channel index."""
+    order = torch.sort(x.abs(), dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order))
+    return rank
+
+
+def topk_channel_mask(x: torch.Tensor, keep_count: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the ``keep_count[n]`` largest-|x| channels of each row. No host sync.
+
+    Args:
+        x: (N, Din).
+        keep_count: (N,) int, channels to keep per row (``>= Din`` keeps all).
+    Returns:
+        (N, Din) bool, exactly ``min(keep_count[n], Din)`` True per row.
+    """
+    return _rank_by_magnitude(x) < keep_count.unsqueeze(-1)
+
+
+def topk_channels(x: torch.Tensor) -> torch.Tensor:
+    """(N, Din) -> (N, Din) int32 channel indices sorted by descending |x| (stable)."""
+    return torch.sort(x.abs(), dim=-1, descending=True, stable=True).indices.to(torch.int32)
+
+
+def prepare_sparse_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(Dout, Din) nn.Linear weight -> (Din, Dout) contiguous, the layout the kernel reads.
+
+    Done once per layer when the model is wrapped (a copy of the weight, same dtype): in this
+    layout the weights of one input channel form one contiguous row of ``Dout`` elements, so a
+    kept channel costs one contiguous read and a dropped channel costs nothing. For a
+    ``Conv1D`` (GPT-2) weight, already stored (Din, Dout), use ``weight.contiguous()`` instead."""
+    return weight.t().contiguous()
+
+
+def sparse_linear_naive(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    channel_idx: torch.Tensor,
+    channel_count: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y[n] = sum_{j < count[n]} x[n, idx[n, j]] * W_t[idx[n, j], :] (+ bias)``.
+
+    Args:
+        x: (N, Din).
+        weight_t: (Din, Dout), see :func:`prepare_sparse_weight`.
+        channel_idx: (N, K) int, candidate channels in priority order (K <= Din).
+        channel_count: (N,) int, how many leading entries of ``channel_idx`` are used.
+        bias: optional (Dout,).
+    Returns:
+        (N, Dout) in ``x.dtype``, accumulated in float32.
+    """
+    idx = channel_idx.long()
+    used = torch.arange(idx.shape[-1], device=x.device) < channel_count.unsqueeze(-1)
+    xs = torch.gather(x.float(), 1, idx) * used  # (N, K)
+    w = weight_t.float()[idx]  # (N, K, Dout)
+    y = torch.einsum("nk,nkd->nd", xs, w)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _sparse_linear_split_kernel(
+        x_ptr, w_ptr, idx_ptr, count_ptr, bias_ptr, part_ptr, out_ptr,
+        d_out, n_idx,
+        stride_xn, stride_xd, stride_wi, stride_wo, stride_in, stride_ik, stride_c,
+        stride_ps, stride_pn, stride_on, stride_oo,
+        SPLITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ):
+        """Program (row n, output block, split): accumulates x[n, c] * W_t[c, block] over its share
+        of the first ``count[n]`` channels of ``idx[n]``; only those rows of W_t are loaded."""
+        n = tl.program_id(0).to(tl.int64)
+        pid_o = tl.program_id(1)
+        split = tl.program_id(2)
+        count = tl.load(count_ptr + n * stride_c).to(tl.int32)
+        count = tl.maximum(tl.minimum(count, n_idx), 0)
+        per_split = tl.cdiv(tl.cdiv(count, BLOCK_K), SPLITS) * BLOCK_K
+        start = split * per_split
+        end = tl.minimum(start + per_split, count)
+        offs_o = pid_o * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+        mask_o = offs_o < d_out
+        acc = tl.zeros([BLOCK_OUT], tl.float32)
+        for k0 in range(start, end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < end
+            ch = tl.load(idx_ptr + n * stride_in + offs_k * stride_ik, mask=mask_k, other=0).to(tl.int64)
+            xv = tl.load(x_ptr + n * stride_xn + ch * stride_xd, mask=mask_k, other=0.0).to(tl.float32)
+            w = tl.load(
+                w_ptr + ch[:, None] * stride_wi + offs_o[None, :] * stride_wo,
+                mask=mask_k[:, None] & mask_o[None, :], other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(xv[:, None] * w, 0)
+        if SPLITS == 1:  # write the result directly
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)
+            tl.store(out_ptr + n * stride_on + offs_o * stride_oo, acc.to(out_ptr.dtype.element_ty), mask=mask_o)
+        else:
+            tl.store(part_ptr + split * stride_ps + n * stride_pn + offs_o, acc, mask=mask_o)
+
+    @triton.jit
+    def _sparse_linear_reduce_kernel(
+        part_ptr, bias_ptr, out_ptr, d_out,
+        stride_ps, stride_pn, stride_on, stride_oo,
+        SPLITS: tl.constexpr, BLOCK_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ):
+        """Sums the split partials in a fixed order (deterministic, no atomics), adds the bias."""
+        n = tl.program_id(0).to(tl.int64)
+        offs_o = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+        mask_o = offs_o < d_out
+        acc = tl.zeros([BLOCK_OUT], tl.float32)
+        for s in range(SPLITS):
+            acc += tl.load(part_ptr + s * stride_ps + n * stride_pn + offs_o, mask=mask_o, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n * stride_on + offs_o * stride_oo, acc.to(out_ptr.dtype.element_ty), mask=mask_o)
+
+
+def sparse_linear_triton(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    channel_idx: torch.Tensor,
+    channel_count: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    num_splits: int | None = None,
+    block_k: int = 32,
+    block_out: int = 128,
+) -> torch.Tensor:
+    """Triton twin of :func:`sparse_linear_naive` (same arguments, same result up to float
+    summation order): a split-K GEMV that loads only the ``W_t`` rows of each row's kept channels.
+
+    Grid ``(N, ceil(Dout / block_out), num_splits)``; each program reads its share of the first
+    ``channel_count[n]`` entries of ``channel_idx[n]`` (computed on the device, no host sync), in
+    fp32. With more than one split, a second kernel sums the partials in a fixed order (no
+    atomics, deterministic) and adds the bias. Rows do not share weight reads: at N > 1 the kernel
+    reads ``sum_n count[n]`` weight rows, so it pays only while that is below ``Din``.
+
+    Keyword-only extras (not in the reference signature): ``num_splits`` (default: enough
+    programs for about twice the SM count), ``block_k``, ``block_out`` (powers of two).
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed: use sparse_linear_naive or install triton")
+    n_rows, d_in = x.shape
+    d_out = weight_t.shape[1]
+    if weight_t.shape[0] != d_in:
+        raise ValueError(f"weight_t must be (Din, Dout) = ({d_in}, ...), got {tuple(weight_t.shape)}; see prepare_sparse_weight")
+    n_idx = channel_idx.shape[-1]
+    out_blocks = triton.cdiv(d_out, block_out)
+    if num_splits is None:
+        num_splits = triton.cdiv(target_programs(x.device), max(1, n_rows * out_blocks))
+    num_splits = max(1, min(int(num_splits), triton.cdiv(max(n_idx, 1), block_k)))
+    out = torch.empty(n_rows, d_out, device=x.device, dtype=x.dtype)
+    if n_rows == 0:
+        return out
+    part = torch.empty(num_splits if num_splits > 1 else 1, n_rows, d_out, device=x.device, dtype=torch.float32)
+    bias_arg = bias if bias is not None else out
+    _sparse_linear_split_kernel[(n_rows, out_blocks, num_splits)](
+        x, weight_t, channel_idx, channel_count, bias_arg, part, out,
+        d_out, n_idx,
+        *x.stride(), *weight_t.stride(), *channel_idx.stride(), channel_count.stride(0),
+        part.stride(0), part.stride(1), *out.stride(),
+        SPLITS=num_splits, BLOCK_K=block_k, BLOCK_OUT=block_out, HAS_BIAS=bias is not None,
+    )
+    if num_splits > 1:
+        _sparse_linear_reduce_kernel[(n_rows, out_blocks)](
+            part, bias_arg, out, d_out, part.stride(0), part.stride(1), *out.stride(),
+            SPLITS=num_splits, BLOCK_OUT=block_out, HAS_BIAS=bias is not None,
+        )
+    return out
+
+
+def sparse_linear(x, weight_t, channel_idx, channel_count, bias=None, *, backend: str | None = None):
+    """Dispatcher: :func:`sparse_linear_triton` on CUDA tensors when Triton imports, else
+    :func:`sparse_linear_naive`; ``backend`` = "auto" | "torch" | "triton" (None: the default
+    set by ``sol_hf.ops.set_backend``)."""
+    if use_triton(backend, x, weight_t):
+        return sparse_linear_triton(x, weight_t, channel_idx, channel_count, bias)
+    return sparse_linear_naive(x, weight_t, channel_idx, channel_count, bias)
