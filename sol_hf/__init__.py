@@ -1,0 +1,21 @@
+"""sol_hf: Self-Optimizing Language Models for Hugging Face Transformers."""
+
+from .actions import ActionSpace, CostModel
+from .config import SolConfig
+from .modeling import SolComputeReport, SolForCausalLM
+from .policy import PolicyController, RandomController, SolPolicy, UniformController
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SolConfig",
+    "SolForCausalLM",
+    "SolPolicy",
+    "SolComputeReport",
+    "ActionSpace",
+    "CostModel",
+    "PolicyController",
+    "UniformController",
+    "RandomController",
+    "__version__",
+]

@@ -1,0 +1,375 @@
+"""SolPolicy (the learned controller) and the non-learned uniform and random controllers.
+
+Every controller answers one question per decode step: which action does each batch row take?
+They share :class:`DecisionContext` as input and return (B,) int64 action indices on the device,
+without host syncs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .actions import ActionSpace
+from .budget import NUM_BUDGET_FEATURES, BudgetTargets
+from .config import SolConfig
+
+__all__ = [
+    "SolPolicy",
+    "PolicyObservation",
+    "DecisionContext",
+    "Controller",
+    "PolicyController",
+    "UniformController",
+    "RandomController",
+    "budget_guard_mask",
+    "policy_hidden_size_for",
+]
+
+SCALAR_EMBED = 64
+BUDGET_HEAD_HIDDEN = 32
+
+
+@dataclass
+class PolicyObservation:
+    """What the policy sees at one step (or a sequence of steps, with a T axis after B).
+
+    Attributes:
+        hidden: (B, [T,] H) the base model's final hidden state at the previous position.
+        token_embedding: (B, [T,] H) input embedding of the token being processed.
+        features: (B, [T,] 13) budget features (see ``BudgetTracker.features``).
+        previous_action: (B, [T]) int64; ``num_actions`` means "no previous action".
+    """
+
+    hidden: torch.Tensor
+    token_embedding: torch.Tensor
+    features: torch.Tensor
+    previous_action: torch.Tensor
+
+
+def policy_hidden_size_for(config: SolConfig, lm_hidden_size: int, base_parameters: int) -> int:
+    """Width giving a policy of about ``config.policy_param_fraction`` of the base's parameters."""
+    target = config.policy_param_fraction * base_parameters
+    n_out = config.num_actions if config.action_head == "joint" else sum(
+        len(a) for a in (config.attention_keep, config.mlp_keep, config.bits)
+    )
+    # params(d) ~ a*d^2 + b*d: blocks 12 d^2 each; obs projection, positions and the head linear in d.
+    a = 12.0 * config.policy_layers
+    b = 2 * lm_hidden_size + SCALAR_EMBED + config.action_embedding_size + config.policy_max_steps + n_out + 10
+    d = (-b + math.sqrt(b * b + 4 * a * target)) / (2 * a)
+    step = 8 * config.policy_heads
+    return int(min(1024, max(64, step * round(d / step))))
+
+
+class _Block(nn.Module):
+    """Pre-LN causal self-attention + GELU MLP, with an incremental cache."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, w = x.shape
+        return x.view(b, t, self.heads, w // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None, max_len: int):
+        """x: (B, T, W). With ``cache`` (k, v) of (B, heads, t, W/heads), T must be 1."""
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        q, k, v = self._split(q), self._split(k), self._split(v)
+        if cache is not None:
+            k = torch.cat([cache[0], k], dim=2)[:, :, -max_len:]
+            v = torch.cat([cache[1], v], dim=2)[:, :, -max_len:]
+            attn = F.scaled_dot_product_attention(q, k, v)
+        else:
+            t = x.shape[1]
+            # Same window as the incremental path: each step attends to at most max_len steps.
+            idx = torch.arange(t, device=x.device)
+            mask = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - max_len)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        b, h, t, d = attn.shape
+        x = x + self.out(attn.transpose(1, 2).reshape(b, t, h * d))
+        x = x + self.mlp(self.norm2(x))
+        return x, (k, v)
+
+
+class SolPolicy(nn.Module):
+    """A small causal transformer over decode steps that outputs action logits.
+
+    Per step it reads the base model's final hidden state of the previous token, the current
+    token's embedding, 13 budget features and the previous action (see
+    :class:`PolicyObservation`). Budget targets also enter directly through ``budget_head``,
+    an MLP whose output is added to the logits (as the paper).
+
+    ``step`` runs one step with a cache; ``forward`` runs a whole (B, T) episode in parallel and
+    gives the same logits (used for the training loss).
+    """
+
+    def __init__(self, config: SolConfig, lm_hidden_size: int):
+        super().__init__()
+        if config.policy_hidden_size is None:
+            raise ValueError("SolPolicy needs a resolved config.policy_hidden_size (see policy_hidden_size_for)")
+        self.config = config
+        self.space = ActionSpace(config)
+        width = config.policy_hidden_size
+        self.lm_hidden_size = lm_hidden_size
+        n = self.space.num_actions
+        self.axis_sizes = self.space.shape
+        n_out = n if config.action_head == "joint" else sum(self.axis_sizes)
+        self.hidden_norm = nn.LayerNorm(lm_hidden_size, elementwise_affine=False)
+        self.embedding_norm = nn.LayerNorm(lm_hidden_size, elementwise_affine=False)
+        self.scalar_proj = nn.Sequential(nn.Linear(NUM_BUDGET_FEATURES, SCALAR_EMBED), nn.GELU(), nn.LayerNorm(SCALAR_EMBED))
+        self.action_embedding = nn.Embedding(n + 1, config.action_embedding_size)
+        self.obs_proj = nn.Linear(2 * lm_hidden_size + SCALAR_EMBED + config.action_embedding_size, width)
+        self.position = nn.Embedding(config.policy_max_steps, width)
+        self.blocks = nn.ModuleList(_Block(width, config.policy_heads) for _ in range(config.policy_layers))
+        self.final_norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, n_out)
+        self.budget_head = nn.Sequential(
+            nn.Linear(2 * 4, BUDGET_HEAD_HIDDEN), nn.GELU(), nn.Linear(BUDGET_HEAD_HIDDEN, n_out)
+        )
+        nn.init.zeros_(self.budget_head[-1].weight)
+        nn.init.zeros_(self.budget_head[-1].bias)
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    # -- the network ---------------------------------------------------------------------------
+    def _embed(self, obs: PolicyObservation, positions: torch.Tensor) -> torch.Tensor:
+        x = torch.cat(
+            [
+                self.hidden_norm(obs.hidden.float()),
+                self.embedding_norm(obs.token_embedding.float()),
+                self.scalar_proj(obs.features.float()),
+                self.action_embedding(obs.previous_action),
+            ],
+            dim=-1,
+        )
+        return self.obs_proj(x) + self.position(positions.clamp(max=self.config.policy_max_steps - 1))
+
+    def _logits(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        targets = features.float()[..., 1:9]  # (target, is_set) of the four budget dimensions
+        raw = self.head(self.final_norm(x)) + self.budget_head(targets)
+        return self.joint_log_probs(raw)
+
+    def joint_log_probs(self, raw: torch.Tensor) -> torch.Tensor:
+        """Head output -> (..., N) log-probabilities over the flat action grid."""
+        if self.config.action_head == "joint":
+            return F.log_softmax(raw.float(), dim=-1)
+        na, nm, nb = self.axis_sizes
+        la, lm, lb = raw.float().split([na, nm, nb], dim=-1)
+        la, lm, lb = F.log_softmax(la, -1), F.log_softmax(lm, -1), F.log_softmax(lb, -1)
+        joint = la[..., :, None, None] + lm[..., None, :, None] + lb[..., None, None, :]
+        return joint.flatten(-3)
+
+    def forward(self, obs: PolicyObservation) -> torch.Tensor:
+        """Whole episodes: fields with shape (B, T, ...) -> (B, T, N) log-probabilities."""
+        t = obs.previous_action.shape[1]
+        positions = torch.arange(t, device=obs.previous_action.device).unsqueeze(0)
+        x = self._embed(obs, positions)
+        for block in self.blocks:
+            x, _ = block(x, None, self.config.policy_max_steps)
+        return self._logits(x, obs.features)
+
+    def step(self, obs: PolicyObservation, cache: list | None, position: int) -> tuple[torch.Tensor, list]:
+        """One step: fields with shape (B, ...) -> ((B, N) log-probabilities, new cache)."""
+        positions = torch.full_like(obs.previous_action, position).unsqueeze(1)
+        x = self._embed(
+            PolicyObservation(
+                obs.hidden.unsqueeze(1), obs.token_embedding.unsqueeze(1), obs.features.unsqueeze(1), obs.previous_action.unsqueeze(1)
+            ),
+            positions,
+        )
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            past = cache[i] if cache is not None else (x.new_zeros(x.shape[0], block.heads, 0, x.shape[-1] // block.heads),) * 2
+            x, kv = block(x, past, self.config.policy_max_steps)
+            new_cache.append(kv)
+        return self._logits(x, obs.features.unsqueeze(1)).squeeze(1), new_cache
+
+    def num_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Controllers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DecisionContext:
+    """Inputs of one decision for B rows.
+
+    Attributes:
+        requirement: (B, 4) what this step should spend per budget dimension so that the running
+            mean lands on the target (``BudgetTracker.requirement``).
+        targets: the rows' :class:`BudgetTargets`.
+        cost_table: (B, N) predicted cost fraction of every action for each row at this step.
+        observation: the policy's observation (only read by :class:`PolicyController`).
+        step: index of this controlled step.
+    """
+
+    requirement: torch.Tensor
+    targets: BudgetTargets
+    cost_table: torch.Tensor
+    observation: PolicyObservation | None
+    step: int
+
+
+def _axis_value_table(space: ActionSpace, device) -> torch.Tensor:
+    """(N, 4) per-action values in budget units: (unused cost slot, attention, mlp, bits/16)."""
+    t = space.tables(device)
+    return torch.stack(
+        [torch.zeros_like(t["attention_keep"]), t["attention_keep"], t["mlp_keep"], t["bits"].float() / 16.0], dim=-1
+    )
+
+
+def _action_values(space: ActionSpace, cost_table: torch.Tensor) -> torch.Tensor:
+    """(B, N, 4): each action's value in each budget dimension (cost from the row's cost table)."""
+    values = _axis_value_table(space, cost_table.device).unsqueeze(0).expand(cost_table.shape[0], -1, -1).clone()
+    values[..., 0] = cost_table
+    return values
+
+
+def budget_guard_mask(space: ActionSpace, ctx: DecisionContext, slack: float) -> torch.Tensor:
+    """(B, N) bool: actions that keep every set budget dimension within ``slack`` of what this
+    step should spend; rows where nothing qualifies allow their closest action."""
+    values = _action_values(space, ctx.cost_table)  # (B, N, 4)
+    gap = (values - ctx.requirement.unsqueeze(1)).abs() * ctx.targets.is_set.unsqueeze(1)
+    worst = gap.amax(-1)  # (B, N)
+    allowed = worst <= slack
+    closest = worst <= worst.amin(-1, keepdim=True) + 1e-6
+    return torch.where(allowed.any(-1, keepdim=True), allowed, closest)
+
+
+class Controller:
+    """Picks one action per row per decode step. Subclasses implement :meth:`decide`."""
+
+    uses_policy = False
+
+    def __init__(self, space: ActionSpace):
+        self.space = space
+
+    def reset(self) -> None:
+        """Called at the start of every generation."""
+
+    def decide(self, ctx: DecisionContext) -> torch.Tensor:  # (B,) int64
+        raise NotImplementedError
+
+
+class UniformController(Controller):
+    """Spends the same compute on every token: the static schedule of the paper.
+
+    A float budget walks a ladder of actions that reduce attention and MLP keep together
+    (both axes at the grid level nearest above a common fraction, 16 bits), and alternates the
+    two ladder actions around the target so the running mean cost lands on it. Per-axis
+    budgets do the same on each axis with its own levels.
+    """
+
+    def __init__(self, space: ActionSpace):
+        super().__init__(space)
+        fractions = sorted(set(space.attention_keep) | set(space.mlp_keep))
+        ladder = set()
+        for s in fractions:
+            a = min(v for v in space.attention_keep if v >= s - 1e-9)
+            m = min(v for v in space.mlp_keep if v >= s - 1e-9)
+            ladder.add(space.index_of(a, m, 16))
+        self.ladder = sorted(ladder)
+
+    def _pick(self, values: torch.Tensor, requirement: torch.Tensor) -> torch.Tensor:
+        """values (B, K) candidate values, requirement (B,) -> (B,) position of the largest value
+        not above the requirement, or of the smallest value if all are above."""
+        fits = values <= requirement.unsqueeze(-1) + 1e-6
+        best_fit = torch.where(fits, values, -torch.inf).argmax(-1)
+        smallest = values.argmin(-1)
+        return torch.where(fits.any(-1), best_fit, smallest)
+
+    def decide(self, ctx: DecisionContext) -> torch.Tensor:
+        device = ctx.cost_table.device
+        ladder = torch.tensor(self.ladder, device=device)
+        by_cost = ladder[self._pick(ctx.cost_table[:, ladder], ctx.requirement[:, 0])]
+        index = []
+        for col, levels in ((1, self.space.attention_keep), (2, self.space.mlp_keep), (3, [b / 16 for b in self.space.bits])):
+            grid = torch.tensor(levels, device=device).expand(ctx.cost_table.shape[0], -1)
+            picked = self._pick(grid, ctx.requirement[:, col])
+            index.append(torch.where(ctx.targets.is_set[:, col], picked, len(levels) - 1))
+        na, nm, nb = self.space.shape
+        by_axis = (index[0] * nm + index[1]) * nb + index[2]
+        return torch.where(ctx.targets.is_set[:, 0], by_cost, by_axis)
+
+
+class RandomController(Controller):
+    """A random schedule at the target budget: each step draws uniformly among the actions
+    within ``spread`` of what the step should spend (per set budget dimension)."""
+
+    def __init__(self, space: ActionSpace, seed: int = 0, spread: float = 0.25):
+        super().__init__(space)
+        self.seed = seed
+        self.spread = spread
+        self.generator: torch.Generator | None = None
+
+    def reset(self) -> None:
+        self.generator = None
+
+    def decide(self, ctx: DecisionContext) -> torch.Tensor:
+        device = ctx.cost_table.device
+        if self.generator is None or self.generator.device != torch.device(device):
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        allowed = budget_guard_mask(self.space, ctx, self.spread)
+        noise = torch.rand(ctx.cost_table.shape, generator=self.generator, device=device)
+        return torch.where(allowed, noise, -1.0).argmax(-1)
+
+
+class PolicyController(Controller):
+    """Runs a :class:`SolPolicy` step by step.
+
+    Args:
+        policy: the trained policy.
+        do_sample: sample actions (at ``temperature``) instead of taking the most likely one.
+        budget_guard: if set, only actions within this slack of what the step should spend are
+            allowed (keeps the achieved budget on target); ``None`` lets the policy choose freely.
+    """
+
+    uses_policy = True
+
+    def __init__(self, policy: SolPolicy, do_sample: bool = False, temperature: float = 1.0,
+                 budget_guard: float | None = 0.25, seed: int | None = None):
+        super().__init__(policy.space)
+        self.policy = policy
+        self.do_sample = do_sample
+        self.temperature = temperature
+        self.budget_guard = budget_guard
+        self.seed = seed
+        self.cache: list | None = None
+        self.generator: torch.Generator | None = None
+        self.last_log_probs: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.cache = None
+        self.generator = None
+
+    def masked_log_probs(self, log_probs: torch.Tensor, ctx: DecisionContext) -> torch.Tensor:
+        if self.budget_guard is None:
+            return log_probs
+        allowed = budget_guard_mask(self.space, ctx, self.budget_guard)
+        return torch.log_softmax(log_probs.masked_fill(~allowed, -torch.inf), dim=-1)
+
+    @torch.no_grad()
+    def decide(self, ctx: DecisionContext) -> torch.Tensor:
+        log_probs, self.cache = self.policy.step(ctx.observation, self.cache, ctx.step)
+        log_probs = self.masked_log_probs(log_probs, ctx)
+        self.last_log_probs = log_probs
+        if not self.do_sample:
+            return log_probs.argmax(-1)
+        device = log_probs.device
+        if self.generator is None and self.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        gumbel = -torch.log(-torch.log(torch.rand(log_probs.shape, generator=self.generator, device=device).clamp_min(1e-20)))
+        return (log_probs / self.temperature + gumbel).argmax(-1)
