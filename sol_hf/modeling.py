@@ -34,6 +34,7 @@ from .actions import ActionSpace, CostModel, StepBytes
 from .adapters import ModelAdapter, get_adapter
 from .budget import BudgetTargets, BudgetTracker, parse_compute_budget
 from .config import SolConfig, replace
+from .hub import SolHubMixin
 from .policy import (
     Controller,
     DecisionContext,
@@ -83,6 +84,7 @@ class _Runtime:
         self.step: StepState | None = None
         self.session: _Session | None = None
         self.last_hidden: torch.Tensor | None = None
+        self.capture_hidden = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +250,7 @@ def _make_quant_hook(runtime: _Runtime):
 
 def _make_hidden_hook(runtime: _Runtime):
     def hook(module, args, output):
-        if runtime.session is not None or runtime.step is not None:
+        if runtime.capture_hidden:
             runtime.last_hidden = output[0] if isinstance(output, tuple) else output
         return None
 
@@ -380,7 +382,7 @@ def _step_bytes(base: PreTrainedModel, adapter: ModelAdapter, config: SolConfig,
     )
 
 
-class SolForCausalLM(nn.Module):
+class SolForCausalLM(SolHubMixin, nn.Module):
     """A Hugging Face causal LM plus a compute controller.
 
     ``SolForCausalLM(base_model, config, policy=None)`` wraps ``base_model`` in place and
@@ -498,6 +500,18 @@ class SolForCausalLM(nn.Module):
 
     # -- explicit schedules ------------------------------------------------------------------------
     @contextlib.contextmanager
+    def _capturing_hidden(self):
+        runtime = self._runtime
+        previous = runtime.capture_hidden
+        runtime.capture_hidden = True
+        try:
+            yield
+        finally:
+            runtime.capture_hidden = previous
+            if not previous:
+                runtime.last_hidden = None
+
+    @contextlib.contextmanager
     def _explicit_step(self, actions: torch.Tensor):
         values = self.space.values(actions.reshape(-1).long())
         step = StepState(
@@ -521,8 +535,12 @@ class SolForCausalLM(nn.Module):
         step would; ``step_cost`` gives each position's cost fraction.
         """
         if actions is None:
-            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            return SolCausalLMOutput(loss=getattr(out, "loss", None), logits=out.logits, cache=_cache_of(out))
+            with self._capturing_hidden():
+                out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                hidden = self._runtime.last_hidden
+            return SolCausalLMOutput(
+                loss=getattr(out, "loss", None), logits=out.logits, cache=_cache_of(out), last_hidden_state=hidden
+            )
         if input_ids is None or actions.shape != input_ids.shape:
             raise ValueError(
                 f"actions must have the shape of input_ids (B, T); got actions {tuple(actions.shape)}, "
@@ -532,10 +550,9 @@ class SolForCausalLM(nn.Module):
             raise TypeError(f"actions must be integer action indices, got dtype {actions.dtype}")
         actions = actions.to(self.device)
         lengths = self._valid_lengths(input_ids, attention_mask, kwargs.get("cache", kwargs.get("past_key_values")))
-        with self._explicit_step(actions) as step:
+        with self._explicit_step(actions) as step, self._capturing_hidden():
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             hidden = self._runtime.last_hidden
-            self._runtime.last_hidden = None
         cost = self._measured_cost(step, lengths.reshape(-1), with_policy=False).view_as(actions).float()
         return SolCausalLMOutput(
             loss=getattr(out, "loss", None), logits=out.logits, cache=_cache_of(out), last_hidden_state=hidden, step_cost=cost
@@ -592,9 +609,11 @@ class SolForCausalLM(nn.Module):
         ctrl.reset()
         session = _Session(ctrl, BudgetTracker(targets, max_steps), targets.is_dense, self.space)
         self._runtime.session = session
+        self._runtime.capture_hidden = True
         try:
             output = self.base_model.generate(input_ids, **kwargs)
         finally:
+            self._runtime.capture_hidden = False
             self._runtime.session = None
             self._runtime.step = None
             self._runtime.last_hidden = None
