@@ -34,10 +34,18 @@ def fake_quantize_naive(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
+    def _round_to_bf16(y):
+        """Round fp32 to the nearest bf16 value (ties to even), kept in fp32, so the final cast is
+        exact whatever the backend's fp32->bf16 conversion does (the interpreter truncates)."""
+        b = y.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        return b.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _fake_quantize_kernel(
         x_ptr, bits_ptr, out_ptr, d,
         stride_xn, stride_xd, stride_b, stride_on, stride_od,
-        BLOCK_D: tl.constexpr,
+        BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr,
     ):
         """One program per row: absmax reduction, then quantize + dequantize, all in fp32. The row
         is read twice (the second read mostly hits L2) when it spans several blocks."""
@@ -67,6 +75,8 @@ if HAS_TRITON:
             r = tl.where((frac > 0.5) | ((frac == 0.5) & odd), r + 1.0, r)
             q = tl.minimum(tl.maximum(r, -qmax), qmax) * scale
             y = tl.where(bits >= 16, xv, q)
+            if ROUND_BF16:
+                y = _round_to_bf16(y)
             tl.store(o_row + offs * stride_od, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -83,7 +93,7 @@ def fake_quantize_triton(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     block_d = min(next_power_of_2(d), 4096)
     _fake_quantize_kernel[(n_rows,)](
         x, bits, out, d, *x.stride(), bits.stride(0), *out.stride(),
-        BLOCK_D=block_d, num_warps=4 if block_d <= 1024 else 8,
+        BLOCK_D=block_d, ROUND_BF16=x.dtype == torch.bfloat16, num_warps=4 if block_d <= 1024 else 8,
     )
     return out
 

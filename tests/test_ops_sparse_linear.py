@@ -1,0 +1,119 @@
+"""Activation-sparse linear: Triton split-K GEMV vs the torch reference, reference vs dense."""
+
+import os
+
+import pytest
+import torch
+
+from sol_hf.ops import HAS_TRITON
+from sol_hf.ops.sparse_linear import (
+    prepare_sparse_weight,
+    sparse_linear,
+    sparse_linear_naive,
+    sparse_linear_triton,
+    topk_channel_mask,
+    topk_channels,
+)
+
+requires_triton = pytest.mark.skipif(
+    not (HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")),
+    reason="needs triton, and on CPU TRITON_INTERPRET=1 set before sol_hf.ops is imported",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def make(n_rows, d_in, d_out, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_rows, d_in, generator=g).to(dtype).to(DEVICE)
+    weight = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(dtype).to(DEVICE)
+    b = torch.randn(d_out, generator=g).to(dtype).to(DEVICE) if bias else None
+    return x, weight, b
+
+
+def counts(mode, n_rows, d_in):
+    if mode == "all":
+        c = torch.full((n_rows,), d_in)
+    elif mode == "half":
+        c = torch.full((n_rows,), d_in // 2)
+    elif mode == "tenth":
+        c = torch.full((n_rows,), max(1, d_in // 10))
+    else:  # "rowdiff": every row keeps a different count, including 0 and all
+        c = torch.arange(n_rows) * 37 % (d_in + 1)
+        c[0] = 0
+        c[-1] = d_in
+    return c.to(DEVICE)
+
+
+@pytest.mark.parametrize("n_rows,bias", [(1, False), (5, True), (64, True)])
+def test_naive_all_channels_is_dense(n_rows, bias):
+    x, weight, b = make(n_rows, 48, 40, torch.float32, bias)
+    y = sparse_linear_naive(x, prepare_sparse_weight(weight), topk_channels(x), counts("all", n_rows, 48), b)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, b), atol=1e-5, rtol=1e-5)
+
+
+def test_naive_kept_channels_is_masked_dense():
+    x, weight, b = make(6, 50, 30, torch.float32)
+    c = counts("rowdiff", 6, 50)
+    y = sparse_linear_naive(x, prepare_sparse_weight(weight), topk_channels(x), c, b)
+    masked = x * topk_channel_mask(x, c)
+    torch.testing.assert_close(y, torch.nn.functional.linear(masked, weight, b), atol=1e-5, rtol=1e-5)
+
+
+# (dtype, n_rows, d_in, d_out, mode, bias, num_splits)
+CASES = [
+    (torch.float32, 1, 96, 80, "all", False, None),
+    (torch.float32, 1, 200, 130, "half", True, 3),
+    (torch.float32, 1, 77, 33, "tenth", False, 2),
+    (torch.float32, 4, 96, 64, "rowdiff", True, 2),
+    (torch.float32, 64, 64, 48, "rowdiff", False, None),
+    (torch.float32, 3, 300, 257, "half", True, 1),
+    (torch.float16, 1, 128, 96, "half", False, 2),
+    (torch.float16, 8, 100, 70, "rowdiff", True, 3),
+    (torch.float16, 1, 64, 200, "all", True, None),
+    (torch.bfloat16, 1, 128, 96, "half", False, 2),
+    (torch.bfloat16, 16, 90, 40, "rowdiff", True, 2),
+    (torch.bfloat16, 2, 64, 64, "tenth", False, 1),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype,n_rows,d_in,d_out,mode,bias,num_splits", CASES)
+def test_sparse_linear_triton_matches_naive(dtype, n_rows, d_in, d_out, mode, bias, num_splits):
+    x, weight, b = make(n_rows, d_in, d_out, dtype, bias)
+    weight_t, idx, c = prepare_sparse_weight(weight), topk_channels(x), counts(mode, n_rows, d_in)
+    y = sparse_linear_triton(x, weight_t, idx, c, b, num_splits=num_splits, block_k=16, block_out=64)
+    ref = sparse_linear_naive(x, weight_t, idx, c, b)
+    assert y.dtype == dtype and y.shape == (n_rows, d_out)
+    torch.testing.assert_close(y.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    if mode == "all":
+        dense = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
+        torch.testing.assert_close(y.float(), dense, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@requires_triton
+def test_sparse_linear_triton_partial_candidate_list_and_strides():
+    """channel_idx may hold fewer candidates than Din (K < Din); x may be a strided view."""
+    x, weight, b = make(4, 120, 50, torch.float32)
+    x = torch.cat([x, x], dim=1)[:, ::2]
+    idx = topk_channels(x)[:, :40].contiguous()
+    c = torch.tensor([40, 10, 0, 25], device=DEVICE)
+    weight_t = prepare_sparse_weight(weight)
+    ref = sparse_linear_naive(x, weight_t, idx, c, b)
+    torch.testing.assert_close(sparse_linear_triton(x, weight_t, idx, c, b, num_splits=3, block_k=8), ref, atol=2e-5, rtol=2e-5)
+    # Only the rows of W_t named by the kept channels are read: poisoning the others changes nothing.
+    poisoned = weight_t.clone()
+    read = torch.zeros(120, dtype=torch.bool, device=DEVICE)
+    for n in range(4):
+        read[idx[n, : c[n]].long()] = True
+    poisoned[~read] = float("nan")
+    torch.testing.assert_close(sparse_linear_triton(x, poisoned, idx, c, b, num_splits=2, block_k=8), ref, atol=2e-5, rtol=2e-5)
+
+
+@requires_triton
+def test_sparse_linear_dispatcher():
+    x, weight, b = make(2, 64, 32, torch.float32)
+    args = (x, prepare_sparse_weight(weight), topk_channels(x), counts("half", 2, 64), b)
+    ref = sparse_linear_naive(*args)
+    assert torch.equal(sparse_linear(*args, backend="torch"), ref)
+    torch.testing.assert_close(sparse_linear(*args, backend="triton"), ref, atol=2e-5, rtol=2e-5)
