@@ -350,26 +350,33 @@ class PolicyController(Controller):
         self.cache: list | None = None
         self.generator: torch.Generator | None = None
         self.last_log_probs: torch.Tensor | None = None
+        self.last_allowed: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.cache = None
         self.generator = None
 
-    def masked_log_probs(self, log_probs: torch.Tensor, ctx: DecisionContext) -> torch.Tensor:
-        if self.budget_guard is None:
-            return log_probs
-        allowed = budget_guard_mask(self.space, ctx, self.budget_guard)
-        return torch.log_softmax(log_probs.masked_fill(~allowed, -torch.inf), dim=-1)
+    @staticmethod
+    def behaviour_log_probs(log_probs: torch.Tensor, allowed: torch.Tensor | None, temperature: float) -> torch.Tensor:
+        """(..., N) policy log-probs -> log-probs of the distribution actions are drawn from:
+        disallowed actions removed, then tempered. Training recomputes exactly this with grad."""
+        if allowed is not None:
+            log_probs = log_probs.masked_fill(~allowed, -torch.inf)
+        return torch.log_softmax(log_probs / temperature, dim=-1)
 
     @torch.no_grad()
     def decide(self, ctx: DecisionContext) -> torch.Tensor:
         log_probs, self.cache = self.policy.step(ctx.observation, self.cache, ctx.step)
-        log_probs = self.masked_log_probs(log_probs, ctx)
-        self.last_log_probs = log_probs
+        allowed = None if self.budget_guard is None else budget_guard_mask(self.space, ctx, self.budget_guard)
+        self.last_allowed = allowed
         if not self.do_sample:
-            return log_probs.argmax(-1)
+            masked = log_probs if allowed is None else log_probs.masked_fill(~allowed, -torch.inf)
+            self.last_log_probs = self.behaviour_log_probs(log_probs, allowed, 1.0)
+            return masked.argmax(-1)
+        log_probs = self.behaviour_log_probs(log_probs, allowed, self.temperature)
+        self.last_log_probs = log_probs
         device = log_probs.device
         if self.generator is None and self.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(self.seed)
-        gumbel = -torch.log(-torch.log(torch.rand(log_probs.shape, generator=self.generator, device=device).clamp_min(1e-20)))
-        return (log_probs / self.temperature + gumbel).argmax(-1)
+        uniform = torch.rand(log_probs.shape, generator=self.generator, device=device).clamp_min(1e-20)
+        return (log_probs - torch.log(-torch.log(uniform))).argmax(-1)

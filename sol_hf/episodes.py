@@ -1,0 +1,154 @@
+"""Teacher-forced controlled episodes: the shared core of training and evaluation.
+
+An episode is a text window of ``context_length + steps + 1`` tokens. The first
+``context_length`` tokens are prefilled densely (exactly the base model); then ``steps``
+controlled decode steps process the following tokens one at a time, each row under the action
+its controller picks, and score the next true token. The token path never depends on the
+actions (teacher forcing), so rows that share a prefix differ only in their schedules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .budget import BudgetTargets, BudgetTracker
+from .modeling import SolForCausalLM
+from .policy import Controller, DecisionContext, PolicyController, PolicyObservation
+
+__all__ = ["EpisodeBatch", "run_episodes"]
+
+
+@dataclass
+class EpisodeBatch:
+    """What ``R = B * repeats`` rows did over ``T`` controlled steps (rows b-major: row
+    ``b * repeats + k`` is window ``b``, schedule ``k``).
+
+    Attributes:
+        token_log_probs: (R, T) log-probability of each true next token under the controlled step.
+        dense_token_log_probs: (B, T) the same under the dense base model (only if requested).
+        actions: (R, T) int64 action indices.
+        step_cost: (R, T) achieved cost fraction of each step (bytes read / dense bytes).
+        attention_keep, mlp_keep: (R, T) nominal per-axis values; bits: (R, T) int64.
+        observations: policy observations with a T axis (only for policy controllers).
+        allowed: (R, T, N) bool budget-guard masks the actions were drawn under (policy only).
+        behaviour_log_probs: (R, T) log-probability of each action when it was drawn (policy only).
+        targets: the rows' :class:`BudgetTargets`.
+    """
+
+    token_log_probs: torch.Tensor
+    actions: torch.Tensor
+    step_cost: torch.Tensor
+    attention_keep: torch.Tensor
+    mlp_keep: torch.Tensor
+    bits: torch.Tensor
+    targets: BudgetTargets
+    dense_token_log_probs: torch.Tensor | None = None
+    observations: PolicyObservation | None = None
+    allowed: torch.Tensor | None = None
+    behaviour_log_probs: torch.Tensor | None = None
+
+
+def _score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(R, V) logits, (R,) token ids -> (R,) float32 log p(target)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def run_episodes(
+    model: SolForCausalLM,
+    windows: torch.Tensor,
+    context_length: int,
+    controller: Controller,
+    targets: BudgetTargets,
+    repeats: int = 1,
+    with_dense: bool = False,
+) -> EpisodeBatch:
+    """Run controlled teacher-forced episodes.
+
+    Args:
+        windows: (B, context_length + T + 1) token ids, no padding.
+        controller: picks the actions (``PolicyController`` rows also record what training needs).
+        targets: per-window budget targets (B rows); repeated ``repeats`` times with the windows.
+        repeats: schedules per window (GRPO's K counterfactual rollouts share one dense prefill).
+        with_dense: also score the T tokens with the dense model (for KL rewards and reports).
+    """
+    device = model.device
+    windows = windows.to(device)
+    batch, total = windows.shape
+    steps = total - context_length - 1
+    if steps < 1:
+        raise ValueError(f"windows of {total} tokens leave no controlled step after a {context_length}-token context")
+    prefill = model(windows[:, :context_length], use_cache=True)
+    cache = prefill.cache
+    hidden = prefill.last_hidden_state[:, -1]
+    dense_scores = None
+    if with_dense:
+        dense = model(windows[:, context_length : context_length + steps], cache=_clone_cache(cache), use_cache=True)
+        dense_scores = torch.log_softmax(dense.logits.float(), -1).gather(
+            -1, windows[:, context_length + 1 :].unsqueeze(-1)
+        ).squeeze(-1)
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
+        hidden = hidden.repeat_interleave(repeats, 0)
+        windows = windows.repeat_interleave(repeats, 0)
+        targets = targets.repeat_interleave(repeats)
+    targets = BudgetTargets(targets.values.to(device), targets.is_set.to(device))
+    rows = windows.shape[0]
+    tracker = BudgetTracker(targets, steps)
+    controller.reset()
+    is_policy = controller.uses_policy
+    n_actions = model.space.num_actions
+    previous = torch.full((rows,), n_actions, dtype=torch.long, device=device)
+    record: dict[str, list[torch.Tensor]] = {k: [] for k in ("lp", "a", "cost", "ak", "mk", "bits", "h", "e", "f", "prev", "allowed", "blp")}
+    embed = model.get_input_embeddings()
+    for t in range(steps):
+        position = context_length + t
+        tokens = windows[:, position]
+        lengths = torch.full((rows,), position + 1, device=device)
+        observation = None
+        if is_policy:
+            observation = PolicyObservation(hidden, embed(tokens), tracker.features(), previous)
+        ctx = DecisionContext(tracker.requirement(), targets, model.cost_model.cost_table(lengths, is_policy), observation, t)
+        actions = controller.decide(ctx)
+        out = model(tokens.unsqueeze(1), cache=cache, actions=actions.unsqueeze(1), use_cache=True)
+        cache = out.cache
+        hidden = out.last_hidden_state[:, -1]
+        values = model.space.values(actions)
+        cost = out.step_cost[:, 0]
+        if is_policy:  # the policy's own weights are read every step
+            cost = cost + model.cost_model.bytes.policy / model.cost_model.dense_bytes(lengths).float()
+        tracker.update(cost, values["attention_keep"], values["mlp_keep"], values["bits"])
+        record["lp"].append(_score(out.logits[:, -1], windows[:, position + 1]))
+        record["a"].append(actions)
+        record["cost"].append(cost.float())
+        record["ak"].append(values["attention_keep"])
+        record["mk"].append(values["mlp_keep"])
+        record["bits"].append(values["bits"])
+        if is_policy:
+            assert isinstance(controller, PolicyController)
+            record["h"].append(observation.hidden)
+            record["e"].append(observation.token_embedding)
+            record["f"].append(observation.features)
+            record["prev"].append(previous)
+            if controller.last_allowed is not None:
+                record["allowed"].append(controller.last_allowed)
+            record["blp"].append(controller.last_log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1))
+        previous = actions
+    stack = lambda key: torch.stack(record[key], dim=1)  # noqa: E731
+    result = EpisodeBatch(
+        token_log_probs=stack("lp"), actions=stack("a"), step_cost=stack("cost"), attention_keep=stack("ak"),
+        mlp_keep=stack("mk"), bits=stack("bits"), targets=targets, dense_token_log_probs=dense_scores,
+    )
+    if is_policy:
+        result.observations = PolicyObservation(stack("h"), stack("e"), stack("f"), stack("prev"))
+        result.allowed = stack("allowed") if record["allowed"] else None
+        result.behaviour_log_probs = stack("blp")
+    return result
+
+
+def _clone_cache(cache):
+    import copy
+
+    return copy.deepcopy(cache)
