@@ -190,7 +190,7 @@ if HAS_TRITON:
         stride_mb, stride_mh, stride_ms,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        USE_SOFTCAP: tl.constexpr, NATIVE_DOT: tl.constexpr,
+        PAGE_BLOCK: tl.constexpr, PAGES_PER_ITER: tl.constexpr, USE_SOFTCAP: tl.constexpr, NATIVE_DOT: tl.constexpr,
     ):
         """Stage 1: program (row*KV head, split) attends all query heads of one KV head over its
         share of the first ``page_count`` selected pages; writes unnormalised (acc, max, sum)."""
@@ -200,7 +200,7 @@ if HAS_TRITON:
         kvh = (pid_bh % KV_HEADS).to(tl.int64)
         # The loop bound comes from device memory: no host sync. Splits share the selected pages evenly.
         count = tl.load(count_ptr + b * stride_cb + kvh * stride_ch).to(tl.int32)
-        per_split = tl.cdiv(count, NUM_SPLITS)
+        per_split = tl.cdiv(tl.cdiv(count, PAGES_PER_ITER), NUM_SPLITS) * PAGES_PER_ITER
         start = split * per_split
         end = tl.minimum(start + per_split, count)
 
@@ -221,10 +221,15 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-        for i in range(start, end):
-            page = tl.load(ids_base + i * stride_ip).to(tl.int64)
-            slots = page * PAGE_SIZE + offs_n
-            ok = (offs_n < PAGE_SIZE) & (slots < seq_len) & (slots >= 0)
+        # Each iteration covers PAGES_PER_ITER selected pages: tile slot n is slot (n % PAGE_BLOCK)
+        # of the (n // PAGE_BLOCK)-th page of the iteration.
+        in_page = offs_n % PAGE_BLOCK
+        page_of = offs_n // PAGE_BLOCK
+        for i in range(start, end, PAGES_PER_ITER):
+            entry = i + page_of
+            page = tl.load(ids_base + entry * stride_ip, mask=entry < end, other=0).to(tl.int64)
+            slots = page * PAGE_SIZE + in_page
+            ok = (entry < end) & (in_page < PAGE_SIZE) & (slots < seq_len) & (slots >= 0)
             ok = ok & (tl.load(valid_ptr + b * stride_okb + slots * stride_oks, mask=ok, other=0) != 0)
             kv_mask = ok[:, None] & mask_d[None, :]
             k = tl.load(k_base + slots[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
@@ -345,7 +350,7 @@ def page_attention_triton(
     rounding): two-stage split-K flash decoding over the selected pages only.
 
     Stage 1 runs ``B * Hkv * num_splits`` programs; each takes all ``Hq / Hkv`` query heads of a KV
-    head (the page is loaded once for the group) and an even share of the first
+    head (the page is loaded once for the group), several pages per loop iteration, and an even share of the first
     ``page_count[b, h]`` entries of ``page_ids[b, h]``, the share computed on the device from
     ``page_count`` (no host sync). Stage 2 merges the partial softmaxes per (row, query head).
     Pages not selected are never read. Any tensor strides are accepted; ``head_dim <= 256``.
@@ -372,14 +377,18 @@ def page_attention_triton(
     out = torch.empty(batch, q_heads, dim, device=query.device, dtype=query.dtype)
     native_dot = query.is_cuda and key.dtype in (torch.float16, torch.bfloat16) and value.dtype == key.dtype
     block_d = max(16, next_power_of_2(dim))
+    # Slots per iteration: several small pages per tile (64 slots at head dim <= 128) so each
+    # iteration issues enough independent loads; a page never straddles two iterations.
+    page_block = next_power_of_2(page_size)
+    block_n = max(16, page_block, 64 if block_d <= 128 else 32)
     _page_attention_split_kernel[(batch * kv_heads, num_splits)](
         query, key, value, page_ids, page_count, valid, mid_acc, mid_ml,
         seq_len, float(scaling), float(softcap) if softcap is not None else 1.0,
         *query.stride(), *key.stride(), *value.stride(), *page_ids.stride(), *page_count.stride(),
         *valid.stride(), *mid_acc.stride()[:3], *mid_ml.stride()[:3],
         KV_HEADS=kv_heads, GROUP=group, NUM_SPLITS=num_splits, PAGE_SIZE=page_size, HEAD_DIM=dim,
-        BLOCK_H=max(16, next_power_of_2(group)), BLOCK_N=max(16, next_power_of_2(page_size)), BLOCK_D=block_d,
-        USE_SOFTCAP=softcap is not None, NATIVE_DOT=native_dot,
+        BLOCK_H=max(16, next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d, PAGE_BLOCK=page_block,
+        PAGES_PER_ITER=block_n // page_block, USE_SOFTCAP=softcap is not None, NATIVE_DOT=native_dot,
     )
     _page_attention_combine_kernel[(batch * q_heads,)](
         mid_acc, mid_ml, out, *mid_acc.stride()[:3], *mid_ml.stride()[:3], *out.stride(),
