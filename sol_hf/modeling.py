@@ -65,6 +65,11 @@ class StepState:
         mlp_keep: (R,) float32 fraction of MLP input channels to keep.
         bits: (R,) int64 MLP-output bit-width (16 = off).
         kv_bytes: (R,) float64, filled by attention: KV + page-metadata bytes actually read.
+        left_padding: (B,) int64 padding tokens before each row's first token, or ``None`` when
+            no row is padded. Pages are counted from each row's first token, so a padded row
+            selects exactly what it would select alone.
+        total_length: tokens in the (padded) sequence so far, the current ones included; tells
+            how many slots a sliding-window cache has dropped from the front.
     """
 
     attention_keep: torch.Tensor
@@ -72,6 +77,8 @@ class StepState:
     bits: torch.Tensor
     kv_bytes: torch.Tensor
     config: SolConfig
+    left_padding: torch.Tensor | None = None
+    total_length: int = 0
 
 
 class _Runtime:
@@ -170,6 +177,17 @@ def sparse_decode_attention(
     return out
 
 
+def _shift_to_row_start(key, value, valid, start):
+    """Move each row's slots left by ``start`` (R,) so page 0 begins at the row's first token.
+    key/value (R, Hkv, S, D), valid (R, S); vacated slots at the end become invalid."""
+    rows, heads, seq_len, dim = key.shape
+    idx = start.unsqueeze(-1) + torch.arange(seq_len, device=key.device)
+    inside = idx < seq_len
+    idx = idx.clamp(max=seq_len - 1)
+    kv_idx = idx.view(rows, 1, seq_len, 1).expand(-1, heads, -1, dim)
+    return torch.gather(key, 2, kv_idx), torch.gather(value, 2, kv_idx), torch.gather(valid, 1, idx) & inside
+
+
 def _make_sol_attention(impl: str):
     dense = _dense_attention(impl)
 
@@ -183,14 +201,18 @@ def _make_sol_attention(impl: str):
         if scaling is None:
             scaling = dim**-0.5
         softcap = kwargs.get("softcap")
-        valid = _valid_slots(attention_mask, batch, q_len, kv_len, query.device)  # (B, T, S)
+        valid = _valid_slots(attention_mask, batch, q_len, kv_len, query.device).reshape(batch * q_len, kv_len)
         q = query.transpose(1, 2).reshape(batch * q_len, q_heads, dim)
         if q_len == 1:
             k, v = key, value
         else:  # teacher-forced scoring: every position decides on its own, as in decode
             k = key.unsqueeze(1).expand(-1, q_len, -1, -1, -1).reshape(batch * q_len, *key.shape[1:])
             v = value.unsqueeze(1).expand(-1, q_len, -1, -1, -1).reshape(batch * q_len, *value.shape[1:])
-        out = sparse_decode_attention(step, q, k, v, valid.reshape(batch * q_len, kv_len), scaling, softcap)
+        if step.left_padding is not None:
+            # A sliding-window cache has dropped (total_length - kv_len) slots from the front.
+            start = (step.left_padding - (step.total_length - kv_len)).clamp(min=0).repeat_interleave(q_len)
+            k, v, valid = _shift_to_row_start(k, v, valid, start)
+        out = sparse_decode_attention(step, q, k, v, valid, scaling, softcap)
         return out.view(batch, q_len, q_heads, dim), None
 
     return sol_attention
@@ -331,7 +353,7 @@ class _Session:
         self.context_length: torch.Tensor | None = None
         self.kv_read = torch.zeros_like(tracker.spent[:, 0])
         self.kv_dense = torch.zeros_like(tracker.spent[:, 0])
-        self.pending: StepState | None = None
+        self.left_padding: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,13 +533,22 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             if not previous:
                 runtime.last_hidden = None
 
-    @contextlib.contextmanager
-    def _explicit_step(self, actions: torch.Tensor):
+    def _new_step(self, actions: torch.Tensor, left_padding: torch.Tensor | None, total_length: int) -> StepState:
+        """StepState for (B, T) or (B,) action indices (flattened b-major)."""
         values = self.space.values(actions.reshape(-1).long())
-        step = StepState(
+        return StepState(
             attention_keep=values["attention_keep"], mlp_keep=values["mlp_keep"], bits=values["bits"],
             kv_bytes=torch.zeros(actions.numel(), dtype=torch.float64, device=actions.device), config=self.sol_config,
+            left_padding=left_padding, total_length=total_length,
         )
+
+    @contextlib.contextmanager
+    def _explicit_step(self, actions: torch.Tensor, attention_mask: torch.Tensor | None):
+        left_padding = total_length = None
+        if attention_mask is not None:
+            left_padding = _left_padding(attention_mask)
+            total_length = attention_mask.shape[1]
+        step = self._new_step(actions, left_padding, total_length or 0)
         if self._runtime.step is not None or self._runtime.session is not None:
             raise RuntimeError("a SOL step is already in progress (nested forward calls are not supported)")
         self._runtime.step = step
@@ -550,7 +581,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             raise TypeError(f"actions must be integer action indices, got dtype {actions.dtype}")
         actions = actions.to(self.device)
         lengths = self._valid_lengths(input_ids, attention_mask, kwargs.get("cache", kwargs.get("past_key_values")))
-        with self._explicit_step(actions) as step, self._capturing_hidden():
+        with self._explicit_step(actions, attention_mask) as step, self._capturing_hidden():
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             hidden = self._runtime.last_hidden
         cost = self._measured_cost(step, lengths.reshape(-1), with_policy=False).view_as(actions).float()
@@ -608,6 +639,9 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         max_steps = kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or 20
         ctrl.reset()
         session = _Session(ctrl, BudgetTracker(targets, max_steps), targets.is_dense, self.space)
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and not bool(attention_mask[:, 0].all()):  # once, before decoding
+            session.left_padding = _left_padding(attention_mask.to(device))
         self._runtime.session = session
         self._runtime.capture_hidden = True
         try:
@@ -667,11 +701,8 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         actions = session.controller.decide(ctx)
         actions = torch.where(session.dense_rows, self.space.dense_index, actions)
         session.previous_action = actions
-        values = self.space.values(actions)
-        self._runtime.step = StepState(
-            attention_keep=values["attention_keep"], mlp_keep=values["mlp_keep"], bits=values["bits"],
-            kv_bytes=torch.zeros(actions.shape[0], dtype=torch.float64, device=actions.device), config=self.sol_config,
-        )
+        total_length = attention_mask.shape[1] if attention_mask is not None else cache.get_seq_length() + 1
+        self._runtime.step = self._new_step(actions, session.left_padding, total_length)
         return None
 
     def _after_base_forward(self, module, args, output):
@@ -707,6 +738,11 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             bits=means[:, 3] * 16,
             target=torch.where(targets.is_set[:, 0], targets.values[:, 0], torch.nan).float().cpu(),
         )
+
+
+def _left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) 0/1 mask -> (B,) number of padding tokens before each row's first token."""
+    return (attention_mask.long().cumsum(-1) == 0).sum(-1)
 
 
 def _cache_of(output) -> Any:
