@@ -1,0 +1,408 @@
+"""SolForCausalLM against the base model, brute-force definitions and numbers worked out by hand."""
+
+import itertools
+import math
+import sys
+
+import pytest
+import torch
+from _tiny import FAMILIES, VOCAB, tiny_model, tiny_pair
+
+from sol_hf import SolConfig, SolForCausalLM
+from sol_hf.modeling import StepState, sparse_decode_attention
+from sol_hf.policy import Controller
+
+SMALL = SolConfig(page_size=4, sink_tokens=2, recent_tokens=4, policy_hidden_size=64)
+# MLP-heavy tiny model + intermediate pruning: budgets down to ~0.48 are reachable.
+WIDE = dict(intermediate_size=768)
+WIDE_CONFIG = SolConfig(page_size=4, sink_tokens=2, recent_tokens=4, policy_hidden_size=64, prune_intermediate=True)
+
+
+def _ids(batch, length, seed=0):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+class FixedController(Controller):
+    """Always the same action (for exactness checks of the controlled path)."""
+
+    def __init__(self, space, action):
+        super().__init__(space)
+        self.action = action
+
+    def decide(self, ctx):
+        return torch.full((ctx.cost_table.shape[0],), self.action, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------
+# Exactness
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_budget_reproduces_base(family):
+    base, ref = tiny_pair(family)
+    model = SolForCausalLM(base, SMALL)
+    ids = _ids(2, 30)
+    kw = dict(max_new_tokens=16, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    expected = ref.generate(ids, **kw)
+    for budget in (None, 1.0, torch.ones(2), {"attention": 1.0, "mlp": 1.0, "bits": 16}):
+        got = model.generate(ids, compute_budget=budget, **kw)
+        assert torch.equal(got.sequences, expected.sequences), budget
+        for a, b in zip(got.scores, expected.scores):
+            torch.testing.assert_close(a, b)
+    # The controlled path itself, with every position on the dense action, is the base model.
+    out = model(ids, actions=torch.full_like(ids, model.space.dense_index))
+    torch.testing.assert_close(out.logits, ref(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])
+def test_dense_action_every_step_matches_base_tokens(family):
+    base, ref = tiny_pair(family)
+    model = SolForCausalLM(base, SMALL)
+    ids = _ids(2, 25)
+    expected = ref.generate(ids, max_new_tokens=20, do_sample=False)
+    dense = FixedController(model.space, model.space.dense_index)
+    got = model.generate(ids, max_new_tokens=20, do_sample=False, compute_budget=0.9, controller=dense)
+    assert torch.equal(got, expected)
+    assert model.last_compute_report.controlled_steps == 19
+    torch.testing.assert_close(model.last_compute_report.cost, torch.ones(2))
+
+
+def _all_hooks(module):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def test_unwrap_restores_base_bit_identically():
+    base, ref = tiny_pair("llama")
+    original_impl = base.config._attn_implementation
+    hooks_before = _all_hooks(base)
+    model = SolForCausalLM(base, SMALL)
+    ids = _ids(2, 20)
+    model.generate(ids, max_new_tokens=8, do_sample=False, compute_budget=0.85)
+    restored = model.unwrap()
+    assert restored is base
+    assert restored.config._attn_implementation == original_impl
+    assert _all_hooks(restored) == hooks_before
+    assert not any("_sol_runtime" in m.__dict__ for m in restored.modules())
+    for (name, a), (_, b) in zip(restored.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert torch.equal(restored(ids).logits, ref(ids).logits)
+    SolForCausalLM(restored, SMALL)  # can be wrapped again
+
+
+def test_wrapping_twice_is_refused():
+    base = tiny_model("llama")
+    SolForCausalLM(base, SMALL)
+    with pytest.raises(ValueError, match="already wrapped"):
+        SolForCausalLM(base, SMALL)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
+@pytest.mark.parametrize("budget", [1.0, 0.55])
+def test_left_padded_batch_matches_rows_alone(family, budget):
+    model = SolForCausalLM(tiny_model(family, **WIDE), WIDE_CONFIG)
+    prompts = [_ids(1, n, seed=n)[0] for n in (37, 22, 30)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
+    kw = dict(max_new_tokens=24, do_sample=False, compute_budget=budget, controller="uniform")
+    batched = model.generate(ids, attention_mask=mask, **kw)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **kw)
+        assert torch.equal(alone[0, len(p) :], batched[i, width:]), f"row {i}"
+
+
+def test_teacher_forced_forward_equals_step_by_step_decode():
+    model = SolForCausalLM(tiny_model("llama"), SMALL)
+    ids = _ids(2, 40)
+    actions = torch.randint(0, model.space.num_actions, (2, 12), generator=torch.Generator().manual_seed(3))
+    prefix = model(ids[:, :28], use_cache=True)
+    parallel = model(ids[:, 28:], cache=prefix.cache, actions=actions, use_cache=True)
+    prefix = model(ids[:, :28], use_cache=True)
+    cache, logits, costs = prefix.cache, [], []
+    for t in range(12):
+        out = model(ids[:, 28 + t : 29 + t], cache=cache, actions=actions[:, t : t + 1], use_cache=True)
+        cache = out.cache
+        logits.append(out.logits)
+        costs.append(out.step_cost)
+    torch.testing.assert_close(parallel.logits, torch.cat(logits, 1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(parallel.step_cost, torch.cat(costs, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Each action against a brute-force computation of its definition
+# --------------------------------------------------------------------------------------------
+
+
+def _brute_force_attention(q, k, v, valid, keep, page, sinks, recent, scaling, quest=True):
+    """Loops over rows and KV heads: pages counted from the row's first valid slot."""
+    rows, q_heads, dim = q.shape
+    kv_heads, seq = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    out = torch.zeros(rows, q_heads, dim)
+    for r in range(rows):
+        slots = [s for s in range(seq) if valid[r, s]]
+        n = len(slots)
+        first = slots[0]
+        pages = {}
+        for s in slots:
+            pages.setdefault((s - first) // page, []).append(s)
+        forced = {(s - first) // page for s in slots[:sinks] + slots[max(0, n - recent) :]}
+        wanted = math.ceil(math.ceil(keep[r] * n) / page) if keep[r] < 1 else len(pages)
+        count = min(max(wanted, len(forced)), len(pages))
+        for h in range(kv_heads):
+            qs = q[r, h * group : (h + 1) * group]
+            scores = {}
+            for p, members in pages.items():
+                kp = k[r, h, members]
+                if quest:
+                    scores[p] = float(torch.maximum(qs[:, None] * kp.max(0).values, qs[:, None] * kp.min(0).values).sum())
+                else:
+                    scores[p] = p
+            order = sorted(pages, key=lambda p: (p not in forced, -scores[p], p))
+            chosen = [s for p in order[:count] for s in pages[p]]
+            logits = qs @ k[r, h, chosen].T * scaling
+            out[r, h * group : (h + 1) * group] = torch.softmax(logits, -1) @ v[r, h, chosen]
+    return out
+
+
+@pytest.mark.parametrize("selection", ["quest", "recency"])
+@pytest.mark.parametrize("group", [1, 2])
+def test_sparse_attention_matches_brute_force(selection, group):
+    torch.manual_seed(0)
+    rows, kv_heads, seq, dim, page = 3, 2, 29, 8, 4
+    q = torch.randn(rows, kv_heads * group, dim)
+    k, v = torch.randn(rows, kv_heads, seq, dim), torch.randn(rows, kv_heads, seq, dim)
+    valid = torch.ones(rows, seq, dtype=torch.bool)
+    valid[1, :5] = False  # left padding, pages start at the row's first token
+    valid[2, :2] = False
+    keep = torch.tensor([0.3, 0.5, 1.0])
+    config = SolConfig(page_size=page, sink_tokens=2, recent_tokens=3, selection=selection)
+    step = StepState(keep, torch.ones(rows), torch.full((rows,), 16), torch.zeros(rows, dtype=torch.float64), config)
+    from sol_hf.modeling import _shift_to_row_start
+
+    start = valid.int().argmax(-1)
+    ks, vs, vals = _shift_to_row_start(k, v, valid, start)
+    got = sparse_decode_attention(step, q, ks, vs, vals, 0.35, None)
+    want = _brute_force_attention(q, k, v, valid, keep.tolist(), page, 2, 3, 0.35, quest=selection == "quest")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _manual_mlp_model(family, keep_fraction, bits):
+    """A reference copy whose MLP input keeps the top-k |x| by a Python sort, and whose MLP
+    output is quantized by explicit per-token arithmetic."""
+    ref = tiny_model(family)
+    layers = ref.model.layers
+
+    def prune(module, args):
+        x = args[0].clone()
+        k = math.ceil(keep_fraction * x.shape[-1])
+        for idx in itertools.product(*(range(n) for n in x.shape[:-1])):
+            order = sorted(range(x.shape[-1]), key=lambda c: (-abs(float(x[idx][c].detach())), c))
+            drop = order[k:]
+            x[idx][drop] = 0.0
+        return (x,)
+
+    def quantize(module, args, out):
+        if bits >= 16:
+            return out
+        qmax = 2 ** (bits - 1) - 1
+        scale = out.abs().amax(-1, keepdim=True) / qmax
+        return torch.clamp(torch.round(out / scale), -qmax, qmax) * scale
+
+    for layer in layers:
+        layer.mlp.register_forward_pre_hook(prune)
+        layer.mlp.register_forward_hook(quantize)
+    return ref
+
+
+@pytest.mark.parametrize("mlp_keep,bits", [(0.6, 16), (1.0, 8), (0.4, 5)])
+def test_mlp_actions_match_brute_force(mlp_keep, bits):
+    config = SolConfig(page_size=4, sink_tokens=2, recent_tokens=4, policy_hidden_size=64, mlp_keep=(0.4, 0.6, 1.0), bits=(5, 8, 16))
+    model = SolForCausalLM(tiny_model("llama"), config)
+    ref = _manual_mlp_model("llama", mlp_keep, bits)
+    ids = _ids(2, 9)
+    action = model.space.index_of(1.0, mlp_keep, bits)
+    got = model(ids, actions=torch.full_like(ids, action)).logits
+    torch.testing.assert_close(got, ref(ids).logits, atol=2e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Budgets and the cost model
+# --------------------------------------------------------------------------------------------
+
+
+def test_cost_model_matches_hand_count():
+    # tiny llama: hidden 64, intermediate 128, 2 layers, 4 heads, 2 KV heads, head_dim 16, vocab 96, fp32.
+    model = SolForCausalLM(tiny_model("llama"), SolConfig(page_size=4, sink_tokens=2, recent_tokens=4, policy_hidden_size=64))
+    b = model.cost_model.bytes
+    per_layer_fixed = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 2 * 64  # q, k, v, o, two norms
+    fixed = 2 * per_layer_fixed + 96 * 64 + 64 + 64  # layers, lm_head, final norm, one embedding row
+    assert b.fixed == fixed * 4
+    assert b.mlp_input == 2 * (2 * 64 * 128) * 4
+    assert b.mlp_output == 2 * (64 * 128) * 4
+    assert b.kv_per_token == (2 * 2 * 16 * 4,) * 2
+    # At 40 tokens: dense = weights + 40 tokens of K/V in both layers + 16-bit MLP outputs.
+    dense = fixed * 4 + 131072 + 65536 + 2 * 40 * 256 + 16 * (64 * 2 / 8)
+    # keep 0.5 -> ceil(20 / 4) = 5 of 10 pages; Quest reads 10 pages of bounds; MLP keep 0.6; 8 bits.
+    sparse = fixed * 4 + 0.6 * 131072 + 65536 + 2 * 20 * 256 + 2 * 10 * 256 + 8 * (64 * 2 / 8)
+    table = model.cost_model.cost_table(torch.tensor([40]), with_policy=False)
+    action = model.space.index_of(0.5, 0.6, 8)
+    assert table[0, action].item() == pytest.approx(sparse / dense, rel=1e-6)
+    assert table[0, model.space.dense_index].item() == pytest.approx(1.0)
+    # The measured cost of that action at that length is the predicted one.
+    ids = _ids(1, 40)
+    prefix = model(ids[:, :39], use_cache=True)
+    out = model(ids[:, 39:], cache=prefix.cache, actions=torch.tensor([[action]]))
+    assert out.step_cost.item() == pytest.approx(sparse / dense, rel=1e-6)
+
+
+@pytest.mark.parametrize("target", [0.55, 0.7, 0.9])
+def test_uniform_controller_meets_budget(target):
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
+    model.generate(_ids(2, 30), max_new_tokens=70, do_sample=False, compute_budget=target, controller="uniform")
+    report = model.last_compute_report
+    assert report.controlled_steps == 69
+    assert torch.all((report.cost - target).abs() <= 0.02 * target), report.cost
+
+
+def test_per_row_budgets_and_per_axis_budgets():
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
+    ids = _ids(3, 30)
+    model.generate(ids, max_new_tokens=66, do_sample=False, compute_budget=torch.tensor([0.6, 0.8, 1.0]), controller="uniform")
+    cost = model.last_compute_report.cost
+    assert cost[0].item() == pytest.approx(0.6, rel=0.02)
+    assert cost[1].item() == pytest.approx(0.8, rel=0.02)
+    assert cost[2].item() == pytest.approx(1.0)  # a full-budget row runs dense
+    model.generate(ids, max_new_tokens=66, do_sample=False, compute_budget={"attention": 0.4, "mlp": 0.7}, controller="uniform")
+    report = model.last_compute_report
+    torch.testing.assert_close(report.attention_keep, torch.full((3,), 0.4), atol=0.01, rtol=0)
+    torch.testing.assert_close(report.mlp_keep, torch.full((3,), 0.7), atol=0.01, rtol=0)
+    torch.testing.assert_close(report.bits, torch.full((3,), 16.0))
+
+
+def test_random_controller_meets_budget_and_depends_on_seed():
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
+    ids = _ids(2, 30)
+    out = {}
+    for seed in (0, 1):
+        model.generate(ids, max_new_tokens=70, do_sample=False, compute_budget=0.7, controller="random", controller_kwargs={"seed": seed})
+        out[seed] = model.last_compute_report
+        assert torch.all((out[seed].cost - 0.7).abs() <= 0.02 * 0.7)
+    assert not torch.equal(out[0].mlp_keep, out[1].mlp_keep) or not torch.equal(out[0].attention_keep, out[1].attention_keep)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "budget,error,match",
+    [
+        (0.0, ValueError, r"compute_budget must lie in \(0, 1\]"),
+        (-0.2, ValueError, r"compute_budget must lie in \(0, 1\]"),
+        (1.5, ValueError, r"compute_budget must lie in \(0, 1\]"),
+        (float("nan"), ValueError, r"compute_budget must lie in \(0, 1\]"),
+        ("0.5", TypeError, "compute_budget must be .* got the string"),
+        (True, TypeError, "compute_budget must be a number"),
+        ({"attn": 0.5}, ValueError, r"unknown axes \['attn'\]"),
+        ({}, ValueError, "dict is empty"),
+        ({"bits": 40}, ValueError, r"compute_budget\['bits'\] must lie in \[2, 16\]"),
+        ({"mlp": 0.0}, ValueError, r"compute_budget\['mlp'\] must lie in \(0, 1\]"),
+        (torch.tensor([0.5, 0.6, 0.7]), ValueError, r"shape \(2,\), one budget per batch row"),
+        (torch.tensor([0.5, float("nan")]), ValueError, r"values must lie in \(0, 1\]"),
+        (0.05, ValueError, r"below the cheapest reachable cost .*budget_range"),
+    ],
+)
+def test_bad_budgets_are_refused_clearly(budget, error, match):
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
+    with pytest.raises(error, match=match):
+        model.generate(_ids(2, 10), max_new_tokens=3, compute_budget=budget, controller="uniform")
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("opt", hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50, word_embed_proj_dim=32)
+    with pytest.raises(ValueError, match=r"does not support model_type='opt'.*gemma2.*gpt2.*llama.*qwen3"):
+        SolForCausalLM(AutoModelForCausalLM.from_config(cfg), SMALL)
+
+
+def test_bad_actions_are_refused():
+    model = SolForCausalLM(tiny_model("llama"), SMALL)
+    ids = _ids(1, 5)
+    with pytest.raises(ValueError, match="actions must have the shape of input_ids"):
+        model(ids, actions=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer action indices"):
+        model(ids, actions=torch.zeros(1, 5))
+
+
+# --------------------------------------------------------------------------------------------
+# No host syncs in the decode step
+# --------------------------------------------------------------------------------------------
+
+_STEP_FUNCTIONS = {"_before_base_forward", "_after_base_forward", "sol_attention", "hook"}
+_SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero")
+
+
+def test_decode_step_makes_no_host_sync(monkeypatch):
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
+    ids = _ids(2, 30)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    violations = []
+
+    def guard(name, original):
+        def wrapped(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            while frame is not None:
+                if "sol_hf" in frame.f_code.co_filename and frame.f_code.co_name in _STEP_FUNCTIONS:
+                    violations.append(f"Tensor.{name} in {frame.f_code.co_name}")
+                    break
+                frame = frame.f_back
+            return original(self, *args, **kwargs)
+
+        return wrapped
+
+    for name in _SYNC_METHODS:
+        monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
+    for controller in ("uniform", "random", "policy"):
+        budget = 0.95 if controller == "policy" else 0.6
+        model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, compute_budget=budget, controller=controller)
+        assert model.last_compute_report.controlled_steps == 4
+    monkeypatch.undo()
+    assert not violations, sorted(set(violations))
+
+
+def test_the_guard_catches_a_sync(monkeypatch):
+    """The sync detector above must be able to fail: a step that calls .item() is caught."""
+    from sol_hf import modeling
+
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
+    original = modeling._prune_rows
+
+    def syncing(x, keep):
+        keep.max().item()
+        return original(x, keep)
+
+    monkeypatch.setattr(modeling, "_prune_rows", syncing)
+    calls = []
+    real_item = torch.Tensor.item
+
+    def item(self):
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code.co_name in _STEP_FUNCTIONS:
+                calls.append(frame.f_code.co_name)
+                break
+            frame = frame.f_back
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    model.generate(_ids(1, 20), max_new_tokens=3, do_sample=False, compute_budget=0.6, controller="uniform")
+    monkeypatch.undo()
+    assert calls and set(calls) == {"hook"}
