@@ -431,8 +431,9 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         self.sol_config = config
         self.space = ActionSpace(config)
         self.base_model = base_model
+        self._base_requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
         for p in base_model.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(False)  # the base is frozen; only the policy trains
         if policy is None:
             policy = SolPolicy(config, text.hidden_size)
             policy.to(device=next(base_model.parameters()).device)
@@ -483,6 +484,8 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         if "_sol_runtime" in base.__dict__:
             object.__delattr__(base, "_sol_runtime")
         base.set_attn_implementation(self._runtime.original_attn)
+        for name, p in base.named_parameters():
+            p.requires_grad_(self._base_requires_grad.get(name, p.requires_grad))
         return base
 
     # -- conveniences ----------------------------------------------------------------------------

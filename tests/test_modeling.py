@@ -84,6 +84,7 @@ def test_unwrap_restores_base_bit_identically():
     assert restored.config._attn_implementation == original_impl
     assert _all_hooks(restored) == hooks_before
     assert not any("_sol_runtime" in m.__dict__ for m in restored.modules())
+    assert all(p.requires_grad for p in restored.parameters())  # as before wrapping
     for (name, a), (_, b) in zip(restored.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(a, b), name
     assert torch.equal(restored(ids).logits, ref(ids).logits)
