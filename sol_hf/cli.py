@@ -1,0 +1,417 @@
+"""``sol-hf``: evaluate, train, generate with, and demo SOL policies.
+
+    sol-hf eval     --base smollm2 --policy outputs/smollm2-policy --budgets 0.8 0.85 0.9 --output results.json
+    sol-hf train    --base smollm2 --output-dir outputs/smollm2-policy
+    sol-hf generate --base smollm2 --policy outputs/smollm2-policy --prompt "def fib(n):" --budget 0.85
+    sol-hf demo
+
+``--base smollm2`` (the default) is the embedded SmolLM2-135M-Instruct (``sol_hf.assets``).
+User errors (missing paths, malformed or unreachable budgets) print one line and exit with 2.
+Set ``SOL_HF_DEBUG=1`` to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "CLIError", "parse_budget"]
+
+DEFAULT_BASE = "smollm2"
+_HELP_BUDGET = (
+    "a unified cost fraction in (0, 1] (bytes read per decode step / dense bytes), e.g. 0.85, or a per-axis "
+    "budget attention=0.5,mlp=0.8,bits=8 (axes left out stay dense)"
+)
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise CLIError(f"{message} (see: {self.prog} --help)")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_budget(text: str) -> float | dict[str, float]:
+    """``"0.85"`` -> 0.85; ``"attention=0.5,mlp=0.8,bits=8"`` -> dict. Raises :class:`CLIError`."""
+    from .budget import parse_compute_budget
+
+    text = text.strip()
+    if "=" in text:
+        budget: Any = {}
+        for part in text.split(","):
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise CLIError(f"bad budget {text!r}: per-axis budgets look like attention=0.5,mlp=0.8,bits=8")
+            try:
+                budget[key] = float(value)
+            except ValueError:
+                raise CLIError(f"bad budget {text!r}: {key}={value!r} is not a number") from None
+    else:
+        try:
+            budget = float(text)
+        except ValueError:
+            raise CLIError(f"bad budget {text!r}: expected {_HELP_BUDGET}") from None
+    try:
+        parse_compute_budget(budget, 1)
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"bad budget {text!r}: {_one_line(err)}") from None
+    return budget
+
+
+def _check_reachable(model, budgets: Sequence[float | dict], context_length: int, controller: str = "policy") -> None:
+    """Refuse unified-cost budgets below the cheapest action at this context length."""
+    low, _ = model.budget_range(context_length + 1, controller)
+    if low > 1.0 and any(isinstance(b, float) for b in budgets):
+        raise CLIError(
+            f"no unified-cost budget is reachable: the cheapest action with this policy costs {low:.3f} of a dense step "
+            f"(the policy is large next to this model); use a per-axis budget or a smaller policy"
+        )
+    for budget in budgets:
+        if isinstance(budget, float) and budget < low - 1e-6:
+            raise CLIError(
+                f"budget {budget:g} is below the cheapest reachable cost {low:.3f} of this model and action grid at "
+                f"context length {context_length + 1} (reachable: [{low:.3f}, 1]); raise it or use a per-axis budget"
+            )
+
+
+def _positive_int(name: str):
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}")
+        return value
+
+    return convert
+
+
+def _budget_arg(text: str):
+    try:
+        return parse_budget(text)
+    except CLIError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _sections(text: str) -> list[str]:
+    sections = [s.strip() for s in text.split(",") if s.strip()]
+    if not sections:
+        raise argparse.ArgumentTypeError("give at least one section, e.g. tutorial,faq,reference")
+    return sections
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    return ref.count("/") == 1 and not ref.startswith((".", "/", "~")) and not os.path.exists(ref)
+
+
+def resolve_base(base: str) -> str:
+    """``smollm2`` -> the embedded SmolLM2 folder; a local folder is checked to exist."""
+    if base in (DEFAULT_BASE, "default"):
+        from .assets import smollm2_path
+
+        try:
+            return smollm2_path()
+        except ImportError as err:
+            raise CLIError(_one_line(err)) from None
+    path = os.path.expanduser(base)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise CLIError(f"base model folder {base} has no config.json: pass a Hugging Face model folder or Hub id")
+        return path
+    if os.path.exists(path):
+        raise CLIError(f"base model {base} is a file; pass a Hugging Face model folder or Hub id")
+    if _looks_like_hub_id(base):
+        return base
+    raise CLIError(f"base model {base} does not exist (pass a model folder, a Hub id, or 'smollm2' for the embedded default)")
+
+
+def _read_sol_config(path: str | None):
+    from .config import SolConfig
+
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise CLIError(f"--sol-config {path} does not exist")
+    try:
+        return SolConfig.from_json_file(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise CLIError(f"--sol-config {path}: {_one_line(err)}") from None
+
+
+def load_model(base: str, policy: str | None, device: str = "cpu", sol_config=None, quiet: bool = False):
+    """(model, tokenizer) for a base model and an optional policy artifact folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import SolConfig
+    from .modeling import SolForCausalLM
+
+    base_path = resolve_base(base)
+    if policy is not None:
+        path = os.path.expanduser(policy)
+        if not os.path.exists(path) and not _looks_like_hub_id(policy):
+            raise CLIError(f"policy {policy} does not exist (pass the folder sol-hf train wrote, or a Hub id)")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise CLIError(f"policy {policy} is a file; pass the artifact folder (sol_config.json + policy.safetensors)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+        if policy is not None:
+            model = SolForCausalLM.from_pretrained(base_path, os.path.expanduser(policy), dtype=torch.float32)
+        else:
+            base_model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+            model = SolForCausalLM(base_model, sol_config or SolConfig())
+            if not quiet:
+                print("sol-hf: no --policy given: the policy is untrained (random); baselines are still meaningful", file=sys.stderr)
+    except CLIError:
+        raise
+    except (OSError, ValueError, TypeError, ImportError) as err:
+        what = f"base {base}" + (f" with policy {policy}" if policy else "")
+        raise CLIError(f"could not load {what}: {_one_line(err)}") from None
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def read_texts(sections: Sequence[str], root: str) -> list[str]:
+    from .data import python_docs_texts
+
+    try:
+        return python_docs_texts(sections, root)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(_one_line(err)) from None
+
+
+def eval_windows(tokenizer, texts: Sequence[str], context_length: int, steps: int, count: int | None):
+    """(N, context_length + steps + 1) windows of ``texts``, ``count`` of them evenly spaced over
+    all windows (so every section is represented), deterministic."""
+    import torch
+
+    from .data import text_windows
+
+    try:
+        windows = text_windows(texts, tokenizer, context_length + steps + 1)
+    except ValueError as err:
+        raise CLIError(_one_line(err)) from None
+    if count is not None and count < windows.shape[0]:
+        index = torch.linspace(0, windows.shape[0] - 1, count).round().long()
+        windows = windows[index]
+    return windows
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def cmd_eval(args) -> int:
+    from .data import EVAL_SECTIONS
+    from .evaluation import evaluate_perplexity
+
+    _check_output_path(args.output)
+    _check_output_path(args.markdown)
+    _set_threads(args.threads)
+    sections = args.sections or list(EVAL_SECTIONS)
+    texts = read_texts(sections, args.text_root)
+    model, tokenizer = load_model(args.base, args.policy, args.device, _read_sol_config(args.sol_config))
+    budgets = args.budgets
+    _check_reachable(model, budgets, args.context_length)
+    windows = eval_windows(tokenizer, texts, args.context_length, args.steps, args.windows)
+    result = evaluate_perplexity(
+        model, windows, args.context_length, budgets, random_seeds=args.random_seeds, batch_size=args.batch_size,
+        per_axis=not args.no_per_axis, budget_guard=None if args.budget_guard < 0 else args.budget_guard,
+        seed=args.seed, progress=not args.no_progress,
+        metadata={"base": args.base, "policy": args.policy, "sections": sections, "text_root": args.text_root},
+    )
+    if args.output:
+        result.to_json(args.output)
+    markdown = result.to_markdown()
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(markdown)
+    print(markdown)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    _set_threads(args.threads)
+    model, tokenizer = load_model(args.base, args.policy, args.device, _read_sol_config(args.sol_config),
+                                  quiet=args.controller != "policy")
+    encoded = tokenizer(args.prompt, return_tensors="pt")
+    input_ids = encoded["input_ids"].to(model.device)
+    budget = args.budget
+    kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        kwargs["pad_token_id"] = tokenizer.eos_token_id
+    controller_kwargs = {"seed": args.seed} if args.controller == "random" else None
+    try:
+        with torch.no_grad():
+            output = model.generate(input_ids, compute_budget=budget, controller=args.controller,
+                                    controller_kwargs=controller_kwargs, attention_mask=encoded["attention_mask"], **kwargs)
+    except ValueError as err:  # unreachable budgets and the like
+        raise CLIError(_one_line(err)) from None
+    text = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+    print(args.prompt + text)
+    report = model.last_compute_report
+    if report is None:
+        print("\n[dense: compute_budget 1.0 runs the base model unchanged]")
+    else:
+        print("\n" + str(report))
+    return 0
+
+
+def _check_output_path(path: str | None) -> None:
+    if path:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise CLIError(f"cannot write {path}: folder {folder} does not exist")
+
+
+def _training_api():
+    """The training package's entry point (written in parallel; imported lazily)."""
+    try:
+        from . import training
+    except ImportError as err:
+        raise CLIError(f"sol_hf.training is not available: {_one_line(err)}") from None
+    fn = getattr(training, "train_policy", None)
+    if fn is None:
+        raise CLIError("sol_hf.training has no train_policy(); this sol_hf cannot train")
+    return fn
+
+
+def cmd_train(args) -> int:
+    train_policy = _training_api()
+    _check_output_path(os.path.join(args.output_dir, "x"))  if os.path.dirname(os.path.abspath(args.output_dir)) else None
+    _set_threads(args.threads)
+    kwargs = _train_kwargs(args)
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    try:
+        result = train_policy(**kwargs)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(_one_line(err)) from None
+    print(f"sol-hf train: done in {time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu_started:.0f} s CPU; "
+          f"policy written to {args.output_dir}")
+    return 0 if result is not None or True else 1
+
+
+def _train_kwargs(args) -> dict[str, Any]:
+    return {
+        "base": resolve_base(args.base),
+        "output_dir": args.output_dir,
+        "max_steps": args.max_steps,
+    }
+
+
+def cmd_demo(args) -> int:
+    raise CLIError("sol-hf demo needs sol_hf.training (not available in this build)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import PYTHON_DOCS_ROOT
+
+    parser = _Parser(prog="sol-hf", description="SOL: a learned per-token compute policy for any Hugging Face causal LM")
+    sub = parser.add_subparsers(dest="command", metavar="{eval,train,generate,demo}", parser_class=_Parser)
+
+    def common(p, policy_help: str):
+        p.add_argument("--base", default=DEFAULT_BASE, help="base model folder or Hub id; 'smollm2' = the embedded SmolLM2-135M (default)")
+        p.add_argument("--policy", default=None, help=policy_help)
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--threads", type=_positive_int("--threads"), default=None, help="torch CPU threads")
+        p.add_argument("--sol-config", default=None, help="sol_config.json for the untrained policy used without --policy")
+
+    e = sub.add_parser("eval", help="perplexity of controlled tokens: policy vs dense, uniform and random at matched budget")
+    common(e, "policy artifact folder (default: an untrained policy)")
+    e.add_argument("--budgets", nargs="+", type=_budget_arg, default=[0.85], help=f"one or more budgets; each {_HELP_BUDGET}")
+    e.add_argument("--sections", type=_sections, default=None, help="comma-separated doc sections (default: tutorial,faq,reference)")
+    e.add_argument("--text-root", default=PYTHON_DOCS_ROOT, help=f"root of the *.rst.txt sections (default {PYTHON_DOCS_ROOT})")
+    e.add_argument("--windows", type=_positive_int("--windows"), default=112, help="windows to score, evenly spaced (default 112)")
+    e.add_argument("--context-length", type=_positive_int("--context-length"), default=256)
+    e.add_argument("--steps", type=_positive_int("--steps"), default=16, help="controlled tokens per window (default 16)")
+    e.add_argument("--random-seeds", type=_positive_int("--random-seeds"), default=8, help="random schedules per budget (default 8)")
+    e.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8)
+    e.add_argument("--budget-guard", type=float, default=0.25, help="policy budget-guard slack; negative = unguarded")
+    e.add_argument("--no-per-axis", action="store_true", help="skip the uniform schedule matched per axis")
+    e.add_argument("--seed", type=int, default=0, help="first random-schedule seed and bootstrap seed")
+    e.add_argument("--output", default=None, help="write the results JSON here")
+    e.add_argument("--markdown", default=None, help="write the Markdown table here")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text at a compute budget and print the compute report")
+    common(g, "policy artifact folder (needed for --controller policy to mean anything)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--budget", type=_budget_arg, default=None, help=f"{_HELP_BUDGET}; omitted = dense")
+    g.add_argument("--controller", choices=("policy", "uniform", "random"), default="policy")
+    g.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=40)
+    g.add_argument("--seed", type=int, default=0, help="seed of the random controller")
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="train a policy with GRPO on teacher-forced episodes")
+    t.add_argument("--base", default=DEFAULT_BASE)
+    t.add_argument("--output-dir", required=True)
+    t.add_argument("--max-steps", type=_positive_int("--max-steps"), default=119)
+    t.add_argument("--threads", type=_positive_int("--threads"), default=None)
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="train briefly on SmolLM2, then compare dense / uniform / random / policy at two budgets")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point. Returns 0; user errors print one line to stderr and raise ``SystemExit(2)``."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(list(argv) if argv is not None else None)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return args.func(args)
+    except CLIError as err:
+        if os.environ.get("SOL_HF_DEBUG"):
+            raise
+        print(f"sol-hf: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("sol-hf: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

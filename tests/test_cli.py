@@ -1,0 +1,155 @@
+"""sol-hf CLI, run in-process through main([...]) on a tiny random model saved with a tiny tokenizer."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from sol_hf.cli import main, parse_budget, CLIError
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Python is a programming language that lets you work quickly "
+    "and integrate systems more effectively. A list is a mutable sequence; a tuple is an immutable one. "
+) * 3
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A saved tiny Llama (vocab 300) with a byte-level BPE tokenizer trained on TEXT."""
+    path = tmp_path_factory.mktemp("tiny-base")
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, bos_token_id=fast.bos_token_id,
+                      eos_token_id=fast.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sol_config_file(tmp_path_factory):
+    """A small untrained policy (the default one is sized for real models)."""
+    from sol_hf import SolConfig
+
+    path = tmp_path_factory.mktemp("cfg") / "sol_config.json"
+    SolConfig(page_size=4, sink_tokens=4, recent_tokens=4, policy_hidden_size=16, policy_heads=2,
+              action_embedding_size=8).save_pretrained(path.parent)
+    return path
+
+
+@pytest.fixture(scope="module")
+def docs_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("docs")
+    for section in ("tutorial", "faq"):
+        (root / section).mkdir()
+        for i in range(2):
+            (root / section / f"page{i}.rst.txt").write_text(TEXT + f" Section {section}, page {i}. " + TEXT)
+    return root
+
+
+def run_error(argv, capsys) -> str:
+    """Run main(argv), expect exit code 2 and a one-line message without a traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and lines[0].startswith("sol-hf: error: "), err  # the message is one line ...
+    assert err.rstrip().endswith(lines[0]), err  # ... and the last thing printed
+    return lines[0]
+
+
+def eval_args(base_dir, docs_root, *extra, config=None):
+    cfg = ["--sol-config", str(config)] if config else []
+    return ["eval", "--base", str(base_dir), *cfg, "--text-root", str(docs_root), "--sections", "tutorial,faq",
+            "--context-length", "32", "--steps", "4", "--windows", "4", "--batch-size", "2", "--random-seeds", "2",
+            "--no-progress", *extra]
+
+
+def test_eval_writes_json_and_markdown(base_dir, docs_root, sol_config_file, tmp_path, capsys):
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    assert main(eval_args(base_dir, docs_root, "--budgets", "0.9", "attention=0.5,mlp=0.8", "--output", str(out),
+                          "--markdown", str(md), config=sol_config_file)) == 0
+    data = json.loads(out.read_text())
+    assert data["protocol"]["windows"] == 4 and data["protocol"]["controlled_steps"] == 4
+    assert [b["label"] for b in data["budgets"]] == ["0.9", "attention=0.5,mlp=0.8"]
+    assert data["metadata"]["sections"] == ["tutorial", "faq"]
+    printed = capsys.readouterr().out
+    assert "| - | dense |" in printed and md.read_text() in printed
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--budgets", "1.5"], "bad budget '1.5'"),
+        (["--budgets", "abc"], "bad budget 'abc'"),
+        (["--budgets", "attention=0.5,speed=2"], "unknown axes"),
+        (["--budgets", "bits=40"], "bits"),
+        (["--budgets", "0.01"], "below the cheapest reachable cost"),
+        (["--windows", "0"], "--windows must be a positive integer"),
+        (["--policy", "/nonexistent/policy"], "policy /nonexistent/policy does not exist"),
+        (["--output", "/nonexistent/dir/r.json"], "folder /nonexistent/dir does not exist"),
+    ],
+)
+def test_eval_errors_are_one_line_exit_2(base_dir, docs_root, sol_config_file, capsys, extra, needle):
+    assert needle in run_error(eval_args(base_dir, docs_root, *extra, config=sol_config_file), capsys)
+
+
+def test_policy_too_large_for_any_cost_budget(base_dir, docs_root, capsys):
+    """The default policy size (0.5 % of a real model) outweighs this tiny model: say so."""
+    assert "no unified-cost budget is reachable" in run_error(eval_args(base_dir, docs_root, "--budgets", "0.9"), capsys)
+
+
+def test_bad_base_and_text_paths(base_dir, docs_root, tmp_path, capsys):
+    assert "does not exist" in run_error(["eval", "--base", str(tmp_path / "missing")], capsys)
+    assert "--sol-config" in run_error(eval_args(base_dir, docs_root, config=tmp_path / "nope.json"), capsys)
+    assert "has no config.json" in run_error(["eval", "--base", str(tmp_path)], capsys)
+    err = run_error(eval_args(base_dir, docs_root, "--sections", "nosuchsection"), capsys)
+    assert "no *.rst.txt files" in err
+    err = run_error(["eval", "--base", str(base_dir), "--text-root", str(tmp_path / "nodocs"), "--no-progress"], capsys)
+    assert "not found" in err
+    policy_file = tmp_path / "policy.bin"
+    policy_file.write_bytes(b"x")
+    assert "is a file" in run_error(eval_args(base_dir, docs_root, "--policy", str(policy_file)), capsys)
+    empty_policy = tmp_path / "empty-policy"
+    empty_policy.mkdir()
+    assert "could not load" in run_error(eval_args(base_dir, docs_root, "--policy", str(empty_policy)), capsys)
+
+
+def test_unknown_command_and_options(capsys):
+    assert "invalid choice" in run_error(["frobnicate"], capsys)
+    assert "unrecognized arguments" in run_error(["eval", "--bogus"], capsys)
+
+
+def test_generate_prints_text_and_compute_report(base_dir, sol_config_file, capsys):
+    assert main(["generate", "--base", str(base_dir), "--sol-config", str(sol_config_file), "--prompt", "The quick brown fox", "--budget", "0.9",
+                 "--controller", "uniform", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The quick brown fox")
+    assert "SolComputeReport(uniform, " in out and "cost " in out
+    assert main(["generate", "--base", str(base_dir), "--prompt", "A list", "--max-new-tokens", "3"]) == 0
+    assert "dense" in capsys.readouterr().out
+
+
+def test_generate_unreachable_budget(base_dir, capsys):
+    err = run_error(["generate", "--base", str(base_dir), "--prompt", "hi", "--budget", "0.05", "--controller", "uniform"], capsys)
+    assert "below the cheapest reachable cost" in err
+
+
+def test_parse_budget():
+    assert parse_budget("0.85") == 0.85
+    assert parse_budget("attention=0.5, mlp=0.8,bits=8") == {"attention": 0.5, "mlp": 0.8, "bits": 8.0}
+    for bad in ("0", "-1", "nan", "attention", "attention=x", "=0.5"):
+        with pytest.raises(CLIError):
+            parse_budget(bad)
