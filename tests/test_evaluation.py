@@ -44,8 +44,11 @@ def sol_config() -> SolConfig:
 
 @pytest.fixture(scope="module")
 def pair():
+    """(wrapped model, untouched copy of its base). The copy is frozen as SOL freezes the base:
+    torch picks a different linear kernel for the (B, 1, H) slice ``logits_to_keep=1`` makes when
+    the weight requires grad (2e-7 apart), which is not what these tests are about."""
     base = tiny_base()
-    reference = copy.deepcopy(base)
+    reference = copy.deepcopy(base).requires_grad_(False)
     return SolForCausalLM(base, sol_config()), reference
 
 
@@ -67,7 +70,7 @@ def schedules(entry: dict) -> dict:
 def test_every_prefill_is_the_base_model_bit_for_bit(pair):
     """The paper's evaluator sparsified 990/1020 "dense" prefills with the previous batch's budgets.
     Here every prefill the evaluation runs (4 per batch, 2 batches, after controlled episodes on the
-    same model) gives logits bit-identical to an untouched copy of the base model."""
+    same model) gives logits and a KV cache bit-identical to an untouched copy of the base model."""
     model, reference = pair
     w = windows(4)
     prefills = []
@@ -75,7 +78,9 @@ def test_every_prefill_is_the_base_model_bit_for_bit(pair):
     def capture(module, args, kwargs, output):
         ids = kwargs.get("input_ids")
         if ids is not None and ids.shape[1] == CONTEXT:
-            prefills.append((ids.clone(), output.logits.clone()))
+            cache = output.past_key_values
+            kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+            prefills.append((ids.clone(), kwargs.get("logits_to_keep", 0), output.logits.clone(), kv))
 
     handle = model.base_model.register_forward_hook(capture, with_kwargs=True)
     try:
@@ -88,8 +93,11 @@ def test_every_prefill_is_the_base_model_bit_for_bit(pair):
     assert result["budgets"][1]["uniform_per_axis"]["attention_keep"] < 0.5
     assert len(prefills) == 2 * 2 * 2  # batches x budgets x (policy run, baseline run)
     with torch.no_grad():
-        for ids, logits in prefills:
-            assert torch.equal(logits, reference(input_ids=ids).logits)
+        for ids, keep, logits, kv in prefills:
+            expected = reference(input_ids=ids, use_cache=True, logits_to_keep=keep)
+            assert torch.equal(logits, expected.logits)  # the logits the prefill returned ...
+            for (k, v), layer in zip(kv, expected.past_key_values.layers, strict=True):  # ... and the KV it cached
+                assert torch.equal(k, layer.keys) and torch.equal(v, layer.values)
         # and a plain forward after the evaluation is still the base model
         assert torch.equal(model(w[:, :CONTEXT]).logits, reference(input_ids=w[:, :CONTEXT]).logits)
     assert model._runtime.step is None and model._runtime.session is None
