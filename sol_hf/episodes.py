@@ -28,6 +28,8 @@ class EpisodeBatch:
     Attributes:
         token_log_probs: (R, T) log-probability of each true next token under the controlled step.
         dense_token_log_probs: (B, T) the same under the dense base model (only if requested).
+        dense_kl: (R, T) ``KL(p_dense || p_controlled)`` of each step's next-token distribution
+            (only with ``with_dense``).
         actions: (R, T) int64 action indices.
         step_cost: (R, T) achieved cost fraction of each step (bytes read / dense bytes).
         attention_keep, mlp_keep: (R, T) nominal per-axis values; bits: (R, T) int64.
@@ -45,14 +47,10 @@ class EpisodeBatch:
     bits: torch.Tensor
     targets: BudgetTargets
     dense_token_log_probs: torch.Tensor | None = None
+    dense_kl: torch.Tensor | None = None
     observations: PolicyObservation | None = None
     allowed: torch.Tensor | None = None
     behaviour_log_probs: torch.Tensor | None = None
-
-
-def _score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(R, V) logits, (R,) token ids -> (R,) float32 log p(target)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()
@@ -72,7 +70,8 @@ def run_episodes(
         controller: picks the actions (``PolicyController`` rows also record what training needs).
         targets: per-window budget targets (B rows); repeated ``repeats`` times with the windows.
         repeats: schedules per window (GRPO's K counterfactual rollouts share one dense prefill).
-        with_dense: also score the T tokens with the dense model (for KL rewards and reports).
+        with_dense: also score the T tokens with the dense model and record each step's KL to it
+            (for KL rewards and reports).
     """
     device = model.device
     windows = windows.to(device)
@@ -80,15 +79,17 @@ def run_episodes(
     steps = total - context_length - 1
     if steps < 1:
         raise ValueError(f"windows of {total} tokens leave no controlled step after a {context_length}-token context")
-    prefill = model(windows[:, :context_length], use_cache=True)
+    # Only the last position's hidden state is needed: skip the LM head on the other positions.
+    prefill = model(windows[:, :context_length], use_cache=True, logits_to_keep=1)
     cache = prefill.cache
     hidden = prefill.last_hidden_state[:, -1]
-    dense_scores = None
+    dense_scores = dense_log_probs = None
     if with_dense:
         dense = model(windows[:, context_length : context_length + steps], cache=_clone_cache(cache), use_cache=True)
-        dense_scores = torch.log_softmax(dense.logits.float(), -1).gather(
-            -1, windows[:, context_length + 1 :].unsqueeze(-1)
-        ).squeeze(-1)
+        dense_log_probs = torch.log_softmax(dense.logits.float(), -1)  # (B, T, V)
+        dense_scores = dense_log_probs.gather(-1, windows[:, context_length + 1 :].unsqueeze(-1)).squeeze(-1)
+        if repeats > 1:
+            dense_log_probs = dense_log_probs.repeat_interleave(repeats, 0)
     if repeats > 1:
         cache.batch_repeat_interleave(repeats)
         hidden = hidden.repeat_interleave(repeats, 0)
@@ -101,7 +102,9 @@ def run_episodes(
     is_policy = controller.uses_policy
     n_actions = model.space.num_actions
     previous = torch.full((rows,), n_actions, dtype=torch.long, device=device)
-    record: dict[str, list[torch.Tensor]] = {k: [] for k in ("lp", "a", "cost", "ak", "mk", "bits", "h", "e", "f", "prev", "allowed", "blp")}
+    record: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("lp", "kl", "a", "cost", "ak", "mk", "bits", "h", "e", "f", "prev", "allowed", "blp")
+    }
     embed = model.get_input_embeddings()
     for t in range(steps):
         position = context_length + t
@@ -120,7 +123,11 @@ def run_episodes(
         if is_policy:  # the policy's own weights are read every step
             cost = cost + model.cost_model.bytes.policy / model.cost_model.dense_bytes(lengths).float()
         tracker.update(cost, values["attention_keep"], values["mlp_keep"], values["bits"])
-        record["lp"].append(_score(out.logits[:, -1], windows[:, position + 1]))
+        log_probs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        record["lp"].append(log_probs.gather(-1, windows[:, position + 1].unsqueeze(-1)).squeeze(-1))
+        if dense_log_probs is not None:  # KL(p_dense || p_controlled) of this step
+            reference = dense_log_probs[:, t]
+            record["kl"].append((reference.exp() * (reference - log_probs)).sum(-1))
         record["a"].append(actions)
         record["cost"].append(cost.float())
         record["ak"].append(values["attention_keep"])
@@ -140,6 +147,7 @@ def run_episodes(
     result = EpisodeBatch(
         token_log_probs=stack("lp"), actions=stack("a"), step_cost=stack("cost"), attention_keep=stack("ak"),
         mlp_keep=stack("mk"), bits=stack("bits"), targets=targets, dense_token_log_probs=dense_scores,
+        dense_kl=stack("kl") if record["kl"] else None,
     )
     if is_policy:
         result.observations = PolicyObservation(stack("h"), stack("e"), stack("f"), stack("prev"))

@@ -1,0 +1,24 @@
+"""Training SOL policies with GRPO on teacher-forced counterfactual compute schedules (TRL)."""
+
+from .config import BUDGET_MODES, SolGRPOConfig
+from .rewards import budget_penalty, discounted_returns, episode_means, group_advantages, step_rewards
+from .run import DEFAULT_GRID, split_texts, train_policy, windows_dataset
+from .trainer import SolGRPOTrainer, SolPolicyTrainingModel, sample_budget_targets, sol_episode_reward
+
+__all__ = [
+    "SolGRPOConfig",
+    "SolGRPOTrainer",
+    "SolPolicyTrainingModel",
+    "BUDGET_MODES",
+    "DEFAULT_GRID",
+    "train_policy",
+    "windows_dataset",
+    "split_texts",
+    "sample_budget_targets",
+    "sol_episode_reward",
+    "step_rewards",
+    "discounted_returns",
+    "episode_means",
+    "budget_penalty",
+    "group_advantages",
+]

@@ -1,0 +1,149 @@
+"""One-call training: text -> windows -> SolGRPOTrainer -> policy artifact (what ``sol-hf train`` calls)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["windows_dataset", "split_texts", "train_policy", "DEFAULT_GRID"]
+
+# The CPU-scaled grid of the issue's reference run (3 x 3 x 3).
+DEFAULT_GRID = {"attention_keep": (0.1, 0.6, 1.0), "mlp_keep": (0.4, 0.8, 1.0), "bits": (5, 7, 16)}
+
+
+def windows_dataset(windows: torch.Tensor):
+    """(N, L) token windows -> ``datasets.Dataset`` with an ``input_ids`` column (what the trainer reads)."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": windows.tolist()})
+
+
+def split_texts(texts: Sequence[str], validation_every: int = 10) -> tuple[list[str], list[str]]:
+    """Split documents (never windows) into (train, validation): every ``validation_every``-th
+    document goes to validation, so no window of a validation document is trained on."""
+    if validation_every < 2:
+        raise ValueError(f"validation_every must be >= 2, got {validation_every}")
+    train = [t for i, t in enumerate(texts) if i % validation_every != validation_every - 1]
+    validation = [t for i, t in enumerate(texts) if i % validation_every == validation_every - 1]
+    return train, validation
+
+
+def train_policy(
+    base: str | None = None,
+    output_dir: str = "outputs/sol-policy",
+    *,
+    sections: Sequence[str] | None = None,
+    text_root: str | None = None,
+    texts: Sequence[str] | None = None,
+    grid: dict[str, Sequence[float]] | None = None,
+    budget_mode: str = "mixed",
+    cost_budget_range: tuple[float, float] | None = None,
+    attention_budget_range: tuple[float, float] = (0.1, 1.0),
+    mlp_budget_range: tuple[float, float] = (0.4, 1.0),
+    bits_budget_range: tuple[float, float] = (5.0, 16.0),
+    budget_guard: float | None = 0.25,
+    steps: int = 100,
+    seed: int = 0,
+    context_length: int = 256,
+    rollout_steps: int = 16,
+    windows_per_step: int = 4,
+    num_generations: int = 8,
+    max_windows: int | None = None,
+    validation_every: int = 10,
+    run_dir: str | None = None,
+    sol_config_overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+    **config_overrides: Any,
+) -> str:
+    """Train a SOL policy for ``base`` on text windows and write the policy artifact.
+
+    Args:
+        base: local path or Hub id of the base causal LM (``None``: the embedded SmolLM2-135M).
+        output_dir: where the policy artifact (and nothing else) is written.
+        run_dir: checkpoints (with ``save_steps`` in ``config_overrides``), the training log and
+            the validation windows (default: ``output_dir + "-run"``).
+        sections / text_root: Python-documentation sections to train on (default: ``TRAIN_SECTIONS``)
+            under ``text_root`` (default: Debian's python3.11-doc); ignored when ``texts`` is given.
+        grid: ``{"attention_keep": [...], "mlp_keep": [...], "bits": [...]}`` (default: the
+            3x3x3 grid of the issue's reference run).
+        budget_mode, *_budget_range, budget_guard: see :class:`SolGRPOConfig`.
+        steps: policy updates (``max_steps``).
+        context_length, rollout_steps: window layout (dense prefill, controlled steps).
+        windows_per_step, num_generations: B windows x K schedules per update and process.
+        max_windows: cap on training windows (after the validation split).
+        validation_every: every n-th document is held out as validation (written to
+            ``run_dir/validation_windows.safetensors`` for tuning; never the evaluation sections).
+        sol_config_overrides: extra :class:`SolConfig` fields (page size, policy size, ...).
+        **config_overrides: extra :class:`SolGRPOConfig` fields (learning_rate, reward_gamma, ...).
+    Returns:
+        ``output_dir``.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..assets import smollm2_path
+    from ..config import SolConfig
+    from ..data import PYTHON_DOCS_ROOT, TRAIN_SECTIONS, python_docs_texts, text_windows
+    from ..modeling import SolForCausalLM
+    from .config import SolGRPOConfig
+    from .trainer import SolGRPOTrainer
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    base = base or smollm2_path()
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    grid = dict(DEFAULT_GRID, **(grid or {}))
+    sol_config = SolConfig(**grid, **(sol_config_overrides or {}))
+    model = SolForCausalLM(base_model, sol_config)
+
+    if texts is None:
+        texts = python_docs_texts(tuple(sections or TRAIN_SECTIONS), text_root or PYTHON_DOCS_ROOT)
+    train_texts, validation_texts = split_texts(list(texts), validation_every)
+    window_length = context_length + rollout_steps + 1
+    train_windows = text_windows(train_texts, tokenizer, window_length, max_windows=max_windows)
+    run_dir = run_dir or output_dir.rstrip("/") + "-run"
+    os.makedirs(run_dir, exist_ok=True)
+    if validation_texts:
+        try:
+            validation = text_windows(validation_texts, tokenizer, window_length)
+            save_file({"windows": validation.contiguous()}, os.path.join(run_dir, "validation_windows.safetensors"))
+        except ValueError:
+            pass  # no validation document is long enough for a window
+
+    args = SolGRPOConfig(
+        output_dir=os.path.join(run_dir, "checkpoints"),
+        max_steps=steps,
+        seed=seed,
+        context_length=context_length,
+        rollout_steps=rollout_steps,
+        num_generations=num_generations,
+        per_device_train_batch_size=windows_per_step * num_generations,
+        budget_mode=budget_mode,
+        cost_budget_range=cost_budget_range,
+        attention_budget_range=attention_budget_range,
+        mlp_budget_range=mlp_budget_range,
+        bits_budget_range=bits_budget_range,
+        budget_guard=budget_guard,
+        disable_tqdm=not progress,
+        **config_overrides,
+    )
+    trainer = SolGRPOTrainer(model, args, train_dataset=windows_dataset(train_windows), processing_class=tokenizer)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=config_overrides.get("resume_from_checkpoint"))
+    elapsed = time.perf_counter() - started
+    trainer.save_model(output_dir)
+    if trainer.args.should_save:
+        with open(os.path.join(run_dir, "training_log.json"), "w", encoding="utf-8") as f:
+            json.dump(
+                {"train_windows": int(train_windows.shape[0]), "steps": steps, "wall_s": elapsed,
+                 "log_history": trainer.state.log_history},
+                f, indent=1,
+            )
+    return output_dir
