@@ -49,16 +49,22 @@ def training_facts(policy_dir: str) -> dict:
                 "budget_mode", "cost_budget_range", "attention_budget_range", "mlp_budget_range", "bits_budget_range",
                 "budget_guard", "learning_rate", "temperature", "reward_type", "seed")
         facts["training_args"] = {k: args.get(k) for k in keys if k in args}
-    for name in ("training_summary.json", "trainer_state.json"):
-        path = os.path.join(policy_dir, name)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                state = json.load(f)
-            if name == "trainer_state.json":
-                state = {k: state.get(k) for k in ("global_step", "max_steps")} | {
-                    "final_log": (state.get("log_history") or [{}])[-1]
-                }
-            facts[name.removesuffix(".json")] = state
+    log_path = os.path.join(policy_dir.rstrip("/") + "-run", "training_log.json")  # sol_hf.training.train_policy's log
+    if os.path.isfile(log_path):
+        with open(log_path, encoding="utf-8") as f:
+            log = json.load(f)
+        steps, wall = log.get("steps"), log.get("wall_s")
+        facts["training_log"] = {
+            "path": log_path,
+            "train_windows": log.get("train_windows"),
+            "steps": steps,
+            "wall_s": wall,
+            "s_per_update": wall / steps if steps and wall else None,
+            "last_log": (log.get("log_history") or [{}])[-1],
+        }
+        for key in ("budget_mode", "context_length", "rollout_steps"):
+            if key in log:
+                facts.setdefault("training_args", {})[key] = log[key]
     return facts
 
 

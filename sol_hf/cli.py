@@ -298,43 +298,90 @@ def _check_output_path(path: str | None) -> None:
 
 
 def _training_api():
-    """The training package's entry point (written in parallel; imported lazily)."""
+    """``sol_hf.training.train_policy`` (imported lazily: it pulls in TRL)."""
     try:
-        from . import training
+        from .training import train_policy
     except ImportError as err:
-        raise CLIError(f"sol_hf.training is not available: {_one_line(err)}") from None
-    fn = getattr(training, "train_policy", None)
-    if fn is None:
-        raise CLIError("sol_hf.training has no train_policy(); this sol_hf cannot train")
-    return fn
+        raise CLIError(f"training needs the training extra (pip install 'sol-hf[training]'): {_one_line(err)}") from None
+    return train_policy
+
+
+def _range(name: str):
+    def convert(text: str) -> tuple[float, float]:
+        parts = text.split(",")
+        try:
+            low, high = (float(p) for p in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be LOW,HIGH (two numbers), got {text!r}") from None
+        return low, high
+
+    return convert
+
+
+def _train(args, texts, output_dir: str, steps: int, context_length: int, progress: bool) -> tuple[str, float, float]:
+    train_policy = _training_api()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    try:
+        train_policy(
+            resolve_base(args.base), output_dir, texts=texts, budget_mode=args.budget_mode, steps=steps, seed=args.seed,
+            context_length=context_length, rollout_steps=args.rollout_steps, windows_per_step=args.windows_per_step,
+            num_generations=args.num_generations, max_windows=args.max_windows, progress=progress,
+            **({"cost_budget_range": args.cost_budget_range} if args.cost_budget_range else {}),
+            **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
+        )
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(_one_line(err)) from None
+    return output_dir, time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def cmd_train(args) -> int:
-    train_policy = _training_api()
-    _check_output_path(os.path.join(args.output_dir, "x"))  if os.path.dirname(os.path.abspath(args.output_dir)) else None
+    from .data import TRAIN_SECTIONS
+
+    if os.path.isfile(args.output_dir):
+        raise CLIError(f"--output-dir {args.output_dir} is a file; pass a folder")
     _set_threads(args.threads)
-    kwargs = _train_kwargs(args)
-    started = time.perf_counter()
-    cpu_started = time.process_time()
-    try:
-        result = train_policy(**kwargs)
-    except (FileNotFoundError, ValueError) as err:
-        raise CLIError(_one_line(err)) from None
-    print(f"sol-hf train: done in {time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu_started:.0f} s CPU; "
-          f"policy written to {args.output_dir}")
-    return 0 if result is not None or True else 1
+    texts = read_texts(args.sections or list(TRAIN_SECTIONS), args.text_root)
+    out, wall, cpu = _train(args, texts, args.output_dir, args.steps, args.context_length, not args.no_progress)
+    print(f"sol-hf train: {args.steps} updates in {wall:.0f} s wall ({wall / args.steps:.1f} s per update), "
+          f"{cpu:.0f} s CPU; policy artifact in {out}")
+    return 0
 
 
-def _train_kwargs(args) -> dict[str, Any]:
-    return {
-        "base": resolve_base(args.base),
-        "output_dir": args.output_dir,
-        "max_steps": args.max_steps,
-    }
+DEMO_BUDGETS = ({"attention": 0.6, "mlp": 0.8, "bits": 8}, {"attention": 0.3, "mlp": 0.6, "bits": 6})
 
 
 def cmd_demo(args) -> int:
-    raise CLIError("sol-hf demo needs sol_hf.training (not available in this build)")
+    """Train briefly on library/howto/whatsnew, evaluate on held-out tutorial/faq/reference."""
+    import tempfile
+
+    from .data import EVAL_SECTIONS, TRAIN_SECTIONS
+    from .evaluation import evaluate_perplexity
+
+    _set_threads(args.threads)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    train_texts = read_texts(list(TRAIN_SECTIONS), args.text_root)
+    eval_texts = read_texts(list(EVAL_SECTIONS), args.text_root)
+    output_dir = args.output_dir or tempfile.mkdtemp(prefix="sol-hf-demo-")
+    print(f"sol-hf demo: training a policy for SmolLM2-135M on {', '.join(TRAIN_SECTIONS)} "
+          f"({args.steps} updates of {args.windows_per_step} windows x {args.num_generations} schedules x "
+          f"{args.rollout_steps} steps, context {args.context_length})", file=sys.stderr)
+    _, train_wall, _ = _train(args, train_texts, output_dir, args.steps, args.context_length, not args.no_progress)
+    print(f"sol-hf demo: trained in {train_wall:.0f} s ({train_wall / args.steps:.1f} s per update); evaluating on held-out "
+          f"{', '.join(EVAL_SECTIONS)}", file=sys.stderr)
+    model, tokenizer = load_model(args.base, output_dir)
+    windows = eval_windows(tokenizer, eval_texts, args.context_length, args.rollout_steps, args.eval_windows)
+    result = evaluate_perplexity(
+        model, windows, args.context_length, list(DEMO_BUDGETS), random_seeds=args.random_seeds, batch_size=8,
+        progress=not args.no_progress, metadata={"demo": True, "policy": output_dir, "train_s": train_wall},
+    )
+    print(result.to_markdown())
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    print(f"demo: {wall:.0f} s wall, {cpu:.0f} s CPU (training {train_wall:.0f} s); policy artifact in {output_dir}. "
+          f"A brief demo run: for the full result see docs/results.md.")
+    if args.output:
+        result.data["run"] = {"wall_s": wall, "cpu_s": cpu, "train_wall_s": train_wall}
+        result.to_json(args.output)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,15 +429,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the random controller")
     g.set_defaults(func=cmd_generate)
 
-    t = sub.add_parser("train", help="train a policy with GRPO on teacher-forced episodes")
-    t.add_argument("--base", default=DEFAULT_BASE)
-    t.add_argument("--output-dir", required=True)
-    t.add_argument("--max-steps", type=_positive_int("--max-steps"), default=119)
-    t.add_argument("--threads", type=_positive_int("--threads"), default=None)
+    def training_options(p, steps: int, context_length: int, max_windows: int | None):
+        p.add_argument("--base", default=DEFAULT_BASE, help="base model folder or Hub id; 'smollm2' = the embedded SmolLM2-135M")
+        p.add_argument("--text-root", default=PYTHON_DOCS_ROOT)
+        p.add_argument("--steps", type=_positive_int("--steps"), default=steps, help=f"policy updates (default {steps})")
+        p.add_argument("--context-length", type=_positive_int("--context-length"), default=context_length)
+        p.add_argument("--rollout-steps", type=_positive_int("--rollout-steps"), default=16, help="T controlled steps (16)")
+        p.add_argument("--windows-per-step", type=_positive_int("--windows-per-step"), default=4)
+        p.add_argument("--num-generations", type=_positive_int("--num-generations"), default=8, help="K schedules per window (8)")
+        p.add_argument("--budget-mode", choices=("per_axis", "cost", "mixed"), default="mixed")
+        p.add_argument("--cost-budget-range", type=_range("--cost-budget-range"), default=None, help="LOW,HIGH unified cost")
+        p.add_argument("--learning-rate", type=float, default=None)
+        p.add_argument("--max-windows", type=_positive_int("--max-windows"), default=max_windows)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=_positive_int("--threads"), default=None)
+        p.add_argument("--no-progress", action="store_true")
+
+    t = sub.add_parser("train", help="train a policy with GRPO on teacher-forced counterfactual schedules")
+    training_options(t, steps=119, context_length=256, max_windows=None)
+    t.add_argument("--output-dir", required=True, help="where the policy artifact is written")
+    t.add_argument("--sections", type=_sections, default=None, help="training sections (default: library,howto,whatsnew)")
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="train briefly on SmolLM2, then compare dense / uniform / random / policy at two budgets")
-    d.set_defaults(func=cmd_demo)
+    training_options(d, steps=20, context_length=128, max_windows=400)
+    d.add_argument("--eval-windows", type=_positive_int("--eval-windows"), default=16)
+    d.add_argument("--random-seeds", type=_positive_int("--random-seeds"), default=8)
+    d.add_argument("--output-dir", default=None, help="keep the trained policy here (default: a temporary folder)")
+    d.add_argument("--output", default=None, help="write the evaluation JSON here")
+    d.set_defaults(func=cmd_demo, threads=2)
     return parser
 
 

@@ -50,7 +50,7 @@ def sol_config_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def docs_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("docs")
-    for section in ("tutorial", "faq"):
+    for section in ("tutorial", "faq", "library", "howto", "whatsnew", "reference"):
         (root / section).mkdir()
         for i in range(2):
             (root / section / f"page{i}.rst.txt").write_text(TEXT + f" Section {section}, page {i}. " + TEXT)
@@ -153,3 +153,36 @@ def test_parse_budget():
     for bad in ("0", "-1", "nan", "attention", "attention=x", "=0.5"):
         with pytest.raises(CLIError):
             parse_budget(bad)
+
+
+def tiny_training_args(docs_root):
+    return ["--text-root", str(docs_root), "--steps", "1", "--context-length", "16", "--rollout-steps", "3",
+            "--windows-per-step", "1", "--num-generations", "2", "--budget-mode", "per_axis", "--no-progress"]
+
+
+def test_train_writes_a_policy_that_eval_loads(base_dir, docs_root, tmp_path, capsys):
+    pytest.importorskip("trl")
+    out = tmp_path / "policy"
+    assert main(["train", "--base", str(base_dir), "--output-dir", str(out), *tiny_training_args(docs_root)]) == 0
+    assert (out / "sol_config.json").is_file() and (out / "policy.safetensors").is_file()
+    assert "1 updates in" in capsys.readouterr().out
+    assert main(["eval", "--base", str(base_dir), "--policy", str(out), "--text-root", str(docs_root), "--context-length", "16",
+                 "--steps", "3", "--windows", "2", "--random-seeds", "1", "--budgets", "attention=0.5", "--no-progress"]) == 0
+
+
+def test_train_errors(base_dir, docs_root, tmp_path, capsys):
+    err = run_error(["train", "--base", str(base_dir), "--output-dir", str(tmp_path / "p"), "--text-root", str(tmp_path / "none")], capsys)
+    assert "not found" in err
+    assert "--output-dir" in run_error(["train", "--base", str(base_dir)], capsys)
+    assert "LOW,HIGH" in run_error(["train", "--output-dir", str(tmp_path), "--cost-budget-range", "0.5"], capsys)
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(base_dir, docs_root, tmp_path, capsys):
+    pytest.importorskip("trl")
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--base", str(base_dir), *tiny_training_args(docs_root), "--eval-windows", "2", "--random-seeds", "1",
+                 "--output", str(out), "--output-dir", str(tmp_path / "demo-policy")]) == 0
+    printed = capsys.readouterr().out
+    assert "| - | dense |" in printed and "**policy**" in printed and "demo:" in printed
+    data = json.loads(out.read_text())
+    assert len(data["budgets"]) == 2 and data["run"]["train_wall_s"] > 0
