@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import shutil
+import tempfile
 
 __all__ = ["DEFAULT_MODEL_CACHE", "smollm2_path"]
 
@@ -41,13 +43,12 @@ def smollm2_path(cache_dir: str | None = None) -> str:
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(model.state_dict())
     clean.generation_config = model.generation_config
-    tmp = out_dir + ".tmp"
-    clean.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    if os.path.exists(out_dir):
-        import shutil
-
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+    staging = tempfile.mkdtemp(prefix="smollm2-", dir=os.path.dirname(out_dir) or ".")
+    clean.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        os.rename(staging, out_dir)  # atomic: a concurrent conversion either wins or finds it done
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -407,3 +407,29 @@ def test_the_guard_catches_a_sync(monkeypatch):
     model.generate(_ids(1, 20), max_new_tokens=3, do_sample=False, compute_budget=0.6, controller="uniform")
     monkeypatch.undo()
     assert calls and set(calls) == {"hook"}
+
+
+# --------------------------------------------------------------------------------------------
+# The real pretrained model
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_full_budget_is_exact_and_budgets_are_met(smollm2_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    ref = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    model = SolForCausalLM(AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval(), SolConfig(prune_intermediate=True))
+    batch = tokenizer(["The capital of France is", "Once upon a time, there was a little"], return_tensors="pt", padding=True, padding_side="left")
+    kw = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    expected = ref.generate(**batch, **kw)
+    got = model.generate(**batch, compute_budget=1.0, **kw)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.scores, expected.scores):
+        torch.testing.assert_close(a, b)
+    assert "Paris" in tokenizer.decode(got.sequences[0])
+    model.generate(**batch, max_new_tokens=40, do_sample=False, compute_budget=0.75, controller="uniform")
+    report = model.last_compute_report
+    assert report.controlled_steps == 39
+    assert torch.all((report.cost - 0.75).abs() <= 0.02 * 0.75), report

@@ -128,40 +128,37 @@ def page_attention_naive(
     scaling: float,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Single-query attention that reads only the selected pages (gathered, then attended).
+    """Single-query attention over only the selected pages.
+
+    The reference masks the slots of unselected pages (cheap on CPU); the Triton kernel reads
+    only the selected pages. Both give the same result.
 
     Args:
         query: (B, Hq, D).
         key, value: (B, Hkv, S, D).
-        page_ids: (B, Hkv, NPsel) int, page indices in priority order.
+        page_ids: (B, Hkv, NPsel) int, page indices in priority order (no duplicates).
         page_count: (B, Hkv) int, number of leading ``page_ids`` entries to read.
         valid: (B, S) bool, slots holding real tokens.
         scaling: logit scale; softcap: optional ``tanh`` logit soft-capping (Gemma 2).
     Returns:
-        (B, Hq, D) in ``query.dtype``.
+        (B, Hq, D) in ``query.dtype``; zeros for a (row, head) with nothing to read.
     """
     batch, q_heads, dim = query.shape
     kv_heads, seq_len = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
     n_sel = page_ids.shape[-1]
-    offsets = torch.arange(page_size, device=query.device)
-    slots = page_ids.long().unsqueeze(-1) * page_size + offsets  # (B, Hkv, NPsel, P)
-    in_count = torch.arange(n_sel, device=query.device).view(1, 1, n_sel, 1) < page_count.unsqueeze(-1).unsqueeze(-1)
-    in_range = slots < seq_len
-    slots = slots.clamp(max=seq_len - 1).flatten(2)  # (B, Hkv, NPsel * P)
-    slot_valid = torch.gather(valid.unsqueeze(1).expand(-1, kv_heads, -1), 2, slots)
-    keep = (in_count & in_range).flatten(2) & slot_valid
-    idx = slots.unsqueeze(-1).expand(-1, -1, -1, dim)
-    k = torch.gather(key, 2, idx).float()  # (B, Hkv, L, D)
-    v = torch.gather(value, 2, idx).float()
+    counted = torch.arange(n_sel, device=query.device) < page_count.unsqueeze(-1)  # (B, Hkv, NPsel)
+    selected = torch.zeros(batch, kv_heads, num_pages(seq_len, page_size), dtype=torch.uint8, device=query.device)
+    selected = selected.scatter_reduce(-1, page_ids.long(), counted.to(torch.uint8), reduce="amax")
+    keep = selected.bool().repeat_interleave(page_size, dim=-1)[..., :seq_len] & valid.unsqueeze(1)  # (B, Hkv, S)
     q = query.float().view(batch, kv_heads, group, dim)
-    logits = torch.einsum("bhgd,bhld->bhgl", q, k) * scaling
+    logits = torch.matmul(q, key.float().transpose(-1, -2)) * scaling  # (B, Hkv, G, S)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     logits = logits.masked_fill(~keep.unsqueeze(2), -torch.inf)
     probs = torch.softmax(logits, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # a row with nothing to read gives zeros
-    out = torch.einsum("bhgl,bhld->bhgd", probs, v)
+    out = torch.matmul(probs, value.float())
     return out.reshape(batch, q_heads, dim).to(query.dtype)
 
 
