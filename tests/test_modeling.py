@@ -433,3 +433,34 @@ def test_smollm2_full_budget_is_exact_and_budgets_are_met(smollm2_path):
     report = model.last_compute_report
     assert report.controlled_steps == 39
     assert torch.all((report.cost - 0.75).abs() <= 0.02 * 0.75), report
+
+
+def test_sampling_streamer_and_eos_under_a_budget():
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.clone())
+
+        def end(self):
+            self.chunks.append(None)
+
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
+    ids = _ids(1, 20)
+    kw = dict(max_new_tokens=15, do_sample=True, top_k=20, compute_budget=0.7, controller="uniform")
+    torch.manual_seed(7)
+    first = model.generate(ids, **kw)
+    torch.manual_seed(7)
+    streamer = Collect()
+    second = model.generate(ids, streamer=streamer, **kw)
+    assert torch.equal(first, second)  # sampling is reproducible under a seed
+    streamed = torch.cat([c.reshape(-1) for c in streamer.chunks[1:-1]])
+    assert torch.equal(streamed, second[0, 20:]) and streamer.chunks[-1] is None
+    # eos stops generation early, as in the base model
+    eos = int(first[0, 24])
+    torch.manual_seed(7)
+    stopped = model.generate(ids, eos_token_id=eos, **kw)
+    assert stopped.shape[1] <= 25 and int(stopped[0, -1]) == eos
