@@ -17,6 +17,8 @@ How a controlled step flows (one way, no global patches):
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import copy
 import sys
 from dataclasses import dataclass, field
@@ -63,6 +65,7 @@ class StepState:
     Attributes:
         attention_keep: (R,) float32 fraction of valid KV tokens to read.
         mlp_keep: (R,) float32 fraction of MLP input channels to keep.
+        mlp_index: (R,) int64 index of that fraction in ``config.mlp_keep``.
         bits: (R,) int64 MLP-output bit-width (16 = off).
         kv_bytes: (R,) float64, filled by attention: KV + page-metadata bytes actually read.
         left_padding: (B,) int64 padding tokens before each row's first token, or ``None`` when
@@ -77,6 +80,7 @@ class StepState:
     bits: torch.Tensor
     kv_bytes: torch.Tensor
     config: SolConfig
+    mlp_index: torch.Tensor | None = None
     left_padding: torch.Tensor | None = None
     total_length: int = 0
 
@@ -137,12 +141,14 @@ def _forced_pages(valid: torch.Tensor, config: SolConfig, n_pages: int) -> torch
 
 def sparse_decode_attention(
     step: StepState, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor,
-    scaling: float, softcap: float | None,
+    scaling: float, softcap: float | None, all_valid: bool = False,
 ) -> torch.Tensor:
     """Controlled attention for R single-query rows.
 
     Args:
         query: (R, Hq, D); key, value: (R, Hkv, S, D); valid: (R, S) bool.
+        all_valid: host-side promise that every slot is valid (no padding, no window), which
+            lets the page bounds skip masking.
     Returns:
         (R, Hq, D). Adds the bytes read to ``step.kv_bytes``.
     """
@@ -159,7 +165,7 @@ def sparse_decode_attention(
     needs_selection = step.attention_keep < 1.0
     pages_to_keep = torch.where(needs_selection, pages_to_keep, n_pages)
     if config.selection == "quest":
-        page_min, page_max = ops.page_key_bounds(key, valid, page)
+        page_min, page_max = ops.page_key_bounds(key, None if all_valid else valid, page)
         scores = ops.quest_page_scores(query, page_min, page_max)
     else:
         scores = torch.arange(n_pages, device=key.device, dtype=torch.float32).expand(rows, kv_heads, -1)
@@ -212,7 +218,8 @@ def _make_sol_attention(impl: str):
             # A sliding-window cache has dropped (total_length - kv_len) slots from the front.
             start = (step.left_padding - (step.total_length - kv_len)).clamp(min=0).repeat_interleave(q_len)
             k, v, valid = _shift_to_row_start(k, v, valid, start)
-        out = sparse_decode_attention(step, q, k, v, valid, scaling, softcap)
+        all_valid = attention_mask is None and q_len == 1 and step.left_padding is None
+        out = sparse_decode_attention(step, q, k, v, valid, scaling, softcap, all_valid)
         return out.view(batch, q_len, q_heads, dim), None
 
     return sol_attention
@@ -237,12 +244,30 @@ for _impl, _name in _ATTN_SUFFIX.items():
 # ---------------------------------------------------------------------------------------------
 
 
-def _prune_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """x (B, T, D), keep (R = B*T,) fractions -> x with all but the top ceil(keep * D) |x| zeroed."""
+@functools.lru_cache(maxsize=64)
+def _keep_counts(levels: tuple[float, ...], width: int, device: torch.device) -> torch.Tensor:
+    """Channels kept at each keep level, as a device tensor built once (not every step)."""
+    return torch.tensor([min(math.ceil(keep * width), width) for keep in levels], device=device)
+
+
+def _prune_rows(x: torch.Tensor, level: torch.Tensor, levels: tuple[float, ...]) -> torch.Tensor:
+    """Keep the top ``ceil(keep * D)`` channels by |x| of every token, zero the rest.
+
+    Args:
+        x: (B, T, D).
+        level: (R = B*T,) int64 index into ``levels`` (the config's MLP keep fractions).
+        levels: host-side keep fractions. Each row's threshold is the k-th largest |x| (one
+            value sort per row, no host sync); channels tied with the threshold are kept too
+            (only exact ties, e.g. zeros, where keeping changes nothing).
+    """
     flat = x.reshape(-1, x.shape[-1])
-    count = torch.ceil(keep.double() * flat.shape[-1]).long()
-    mask = ops.topk_channel_mask(flat, count)
-    return (flat * mask).view_as(x)
+    magnitude = flat.abs()
+    width = flat.shape[-1]
+    counts = _keep_counts(levels, width, flat.device)
+    ascending = torch.sort(magnitude, dim=-1).values
+    position = (width - counts[level]).unsqueeze(-1)  # the k-th largest sits at D - k
+    threshold = torch.where(position > 0, ascending.gather(-1, position), -1.0)
+    return torch.where(magnitude >= threshold, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).view_as(x)
 
 
 def _make_prune_hook(runtime: _Runtime):
@@ -251,7 +276,7 @@ def _make_prune_hook(runtime: _Runtime):
         if step is None:
             return None
         x = args[0] if args else kwargs.pop("hidden_states", kwargs.pop("x", None))
-        pruned = _prune_rows(x, step.mlp_keep)
+        pruned = _prune_rows(x, step.mlp_index, step.config.mlp_keep)
         return (pruned, *args[1:]), kwargs
 
     return hook
@@ -542,7 +567,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         return StepState(
             attention_keep=values["attention_keep"], mlp_keep=values["mlp_keep"], bits=values["bits"],
             kv_bytes=torch.zeros(actions.numel(), dtype=torch.float64, device=actions.device), config=self.sol_config,
-            left_padding=left_padding, total_length=total_length,
+            mlp_index=values["mlp_index"], left_padding=left_padding, total_length=total_length,
         )
 
     @contextlib.contextmanager

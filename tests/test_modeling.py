@@ -386,9 +386,9 @@ def test_the_guard_catches_a_sync(monkeypatch):
     model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
     original = modeling._prune_rows
 
-    def syncing(x, keep):
-        keep.max().item()
-        return original(x, keep)
+    def syncing(x, level, levels):
+        level.max().item()
+        return original(x, level, levels)
 
     monkeypatch.setattr(modeling, "_prune_rows", syncing)
     calls = []
@@ -464,3 +464,12 @@ def test_sampling_streamer_and_eos_under_a_budget():
     torch.manual_seed(7)
     stopped = model.generate(ids, eos_token_id=eos, **kw)
     assert stopped.shape[1] <= 25 and int(stopped[0, -1]) == eos
+
+
+def test_page_bounds_without_a_mask_equal_bounds_with_an_all_true_mask():
+    from sol_hf.ops import page_key_bounds_naive
+
+    key = torch.randn(2, 3, 37, 8)
+    lo, hi = page_key_bounds_naive(key, None, 4)
+    lo_ref, hi_ref = page_key_bounds_naive(key, torch.ones(2, 37, dtype=torch.bool), 4)
+    assert torch.equal(lo, lo_ref) and torch.equal(hi, hi_ref)

@@ -51,12 +51,21 @@ def page_key_bounds_naive(
 
     Args:
         key: (B, Hkv, S, D) cached keys.
-        valid: (B, S) bool, True where the slot holds a real token.
+        valid: (B, S) bool, True where the slot holds a real token; ``None`` = every slot.
     Returns:
         (page_min, page_max), each (B, Hkv, NP, D) float32. Pages without any valid slot hold
         zeros; callers exclude them through ``page_valid``.
     """
-    batch, heads, _, dim = key.shape
+    batch, heads, seq_len, dim = key.shape
+    if valid is None:  # every slot valid: whole pages are plain views, the tail page is cut short
+        full = seq_len // page_size * page_size
+        pages = key[:, :, :full].float().view(batch, heads, -1, page_size, dim)
+        page_min, page_max = pages.amin(dim=3), pages.amax(dim=3)
+        if full < seq_len:
+            tail = key[:, :, full:].float()
+            page_min = torch.cat([page_min, tail.amin(dim=2, keepdim=True)], dim=2)
+            page_max = torch.cat([page_max, tail.amax(dim=2, keepdim=True)], dim=2)
+        return page_min, page_max
     k = _pad_to_pages(key.float(), page_size, dim=2, value=0.0)
     ok = _pad_to_pages(valid, page_size, dim=1, value=False)
     k = k.view(batch, heads, -1, page_size, dim)
@@ -420,7 +429,7 @@ def quest_page_scores_triton(query: torch.Tensor, page_min: torch.Tensor, page_m
 # "auto" | "torch" | "triton"; None uses the process-wide default (``sol_hf.ops.set_backend``).
 # --------------------------------------------------------------------------------------------
 
-def page_key_bounds(key: torch.Tensor, valid: torch.Tensor, page_size: int):
+def page_key_bounds(key: torch.Tensor, valid: torch.Tensor | None, page_size: int):
     """Always the torch reference: it runs once per prefill; decode keeps the bounds up to date
     incrementally in the cache layer (``sol_hf.cache``)."""
     return page_key_bounds_naive(key, valid, page_size)
