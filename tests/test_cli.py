@@ -15,6 +15,16 @@ TEXT = (
 ) * 3
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; with two on a busy 2-core machine, OpenMP's
+    waiting threads made every small op ~10 ms (a 0.1 s evaluation took 11 s)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A saved tiny Llama (vocab 300) with a byte-level BPE tokenizer trained on TEXT."""
@@ -157,7 +167,7 @@ def test_parse_budget():
 
 def tiny_training_args(docs_root):
     return ["--text-root", str(docs_root), "--steps", "1", "--context-length", "16", "--rollout-steps", "3",
-            "--windows-per-step", "1", "--num-generations", "2", "--budget-mode", "per_axis", "--no-progress"]
+            "--windows-per-step", "1", "--num-generations", "2", "--budget-mode", "per_axis", "--no-progress", "--threads", "1"]
 
 
 def test_train_writes_a_policy_that_eval_loads(base_dir, docs_root, tmp_path, capsys):
