@@ -136,4 +136,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sol_hf.cli import CLIError
+
+    try:
+        sys.exit(main())
+    except CLIError as err:
+        print(f"quality_smollm2: error: {err}", file=sys.stderr)
+        sys.exit(2)
