@@ -5,6 +5,9 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run on CPU through the interpreter (set before sol_hf.ops is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the Hub is unreachable here; fail fast instead of retrying
+# Tests run tiny tensors: one intra-op thread avoids oversubscribing small CI machines, where
+# thread hand-offs cost more than the arithmetic.
+torch.set_num_threads(1)
 
 from pathlib import Path  # noqa: E402
 
