@@ -339,3 +339,24 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     # DDP keeps the replicas identical: same gradients (all-reduced), same updates
     assert ranks[0]["first"] == pytest.approx(ranks[1]["first"], abs=1e-7)
     assert ranks[0]["sum"] == pytest.approx(ranks[1]["sum"], rel=1e-9)
+
+
+def test_train_policy_end_to_end_writes_only_the_artifact(tmp_path):
+    from sol_hf.training import train_policy
+
+    base_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    rng = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (200,), generator=rng)) for _ in range(10)]
+    out = train_policy(
+        str(base_dir), str(tmp_path / "policy"), texts=texts, steps=1, context_length=CONTEXT, rollout_steps=STEPS,
+        windows_per_step=2, num_generations=K, grid={"attention_keep": (0.5, 1.0), "mlp_keep": (0.5, 1.0), "bits": (8, 16)},
+        sol_config_overrides={"page_size": 4, "sink_tokens": 4, "recent_tokens": 4, "policy_hidden_size": 16, "policy_heads": 2},
+        progress=False, dataloader_pin_memory=False,
+    )
+    assert sorted(os.listdir(out)) == ["README.md", "policy.safetensors", "sol_config.json"]
+    config = json.loads((tmp_path / "policy" / "sol_config.json").read_text())
+    assert config["action_head"] == "factorized" and config["bits"] == [8, 16]
+    run = tmp_path / "policy-run"
+    assert (run / "training_log.json").exists() and (run / "validation_windows.safetensors").exists()
