@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -330,8 +331,11 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     # torchrun under the hood; SolGRPOConfig sets use_cpu on a CPU-only machine, so the two processes
     # form one gloo DDP group (accelerate's --cpu with several processes would need mpirun).
+    with socket.socket() as sock:  # a free port: concurrent runs must not meet on torchrun's default 29500
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+           "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
