@@ -89,8 +89,7 @@ class _Runtime:
     """Plain (non-Module) object shared by the hooks and the attention function of one wrapped
     model. Holds the step in progress and the generation session, nothing else."""
 
-    def __init__(self, config: SolConfig, original_attn: str):
-        self.config = config
+    def __init__(self, original_attn: str):
         self.original_attn = original_attn
         self.step: StepState | None = None
         self.session: _Session | None = None
@@ -368,11 +367,10 @@ class SolComputeReport:
 class _Session:
     """State of one ``generate`` call: the controller, the budget tracker, the previous action."""
 
-    def __init__(self, controller: Controller, tracker: BudgetTracker, dense_rows: torch.Tensor, space: ActionSpace):
+    def __init__(self, controller: Controller, tracker: BudgetTracker, dense_rows: torch.Tensor):
         self.controller = controller
         self.tracker = tracker
         self.dense_rows = dense_rows
-        self.space = space
         self.prefilled = False
         self.previous_action: torch.Tensor | None = None
         self.context_length: torch.Tensor | None = None
@@ -478,7 +476,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         base = self.base_model
         impl = base.config._attn_implementation
         sol_impl = _ATTN_SUFFIX.get(impl, "sol_sdpa")
-        runtime = _Runtime(self.sol_config, impl)
+        runtime = _Runtime(impl)
         object.__setattr__(self, "_runtime", runtime)
         object.__setattr__(base, "_sol_runtime", runtime)
         handles = []
@@ -666,7 +664,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         targets = BudgetTargets(targets.values.to(device), targets.is_set.to(device))
         max_steps = kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or 20
         ctrl.reset()
-        session = _Session(ctrl, BudgetTracker(targets, max_steps), targets.is_dense, self.space)
+        session = _Session(ctrl, BudgetTracker(targets, max_steps), targets.is_dense)
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is not None and not bool(attention_mask[:, 0].all()):  # once, before decoding
             session.left_padding = _left_padding(attention_mask.to(device))
