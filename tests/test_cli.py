@@ -15,16 +15,6 @@ TEXT = (
 ) * 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; with two on a busy 2-core machine, OpenMP's
-    waiting threads made every small op ~10 ms (a 0.1 s evaluation took 11 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A saved tiny Llama (vocab 300) with a byte-level BPE tokenizer trained on TEXT."""

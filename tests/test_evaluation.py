@@ -27,16 +27,6 @@ STEPS = 6
 VOCAB = 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; with two on a busy 2-core machine, OpenMP's
-    waiting threads made every small op ~10 ms (a 0.1 s evaluation took 11 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_base(seed: int = 0) -> LlamaForCausalLM:
     """4 layers, so the policy's own bytes stay a small part of a step (~10 %)."""
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
