@@ -9,6 +9,7 @@ actions (teacher forcing), so rows that share a prefix differ only in their sche
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -157,6 +158,4 @@ def run_episodes(
 
 
 def _clone_cache(cache):
-    import copy
-
     return copy.deepcopy(cache)

@@ -1,0 +1,96 @@
+"""Does *where* the policy spends compute matter, or only *how much of each action* it uses?
+
+For each held-out window the trained policy's own schedule (T actions) is replayed twice: in
+its order, and with its steps shuffled (same actions, same mixture, same cost up to context-length
+effects, random placement). If the policy's perplexity is lower than the shuffled replays',
+per-token placement carries the gain; if they tie, the gain comes from the mixture of actions.
+
+    python benchmarks/placement_smollm2.py --policy outputs/smollm2-policy --budget 0.878 --threads 2
+
+Prints JSON (perplexities, paired bootstrap interval of shuffled - policy, achieved costs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+
+import torch
+
+from sol_hf.budget import parse_compute_budget
+from sol_hf.cli import eval_windows, load_model, read_texts
+from sol_hf.data import EVAL_SECTIONS, PYTHON_DOCS_ROOT
+from sol_hf.episodes import run_episodes
+from sol_hf.evaluation.stats import bootstrap_indices, paired_comparison, perplexity
+from sol_hf.policy import Controller, PolicyController
+
+
+class ReplayController(Controller):
+    """Plays a fixed (R, T) schedule of action indices."""
+
+    def __init__(self, space, schedule: torch.Tensor):
+        super().__init__(space)
+        self.schedule = schedule
+
+    def decide(self, ctx):
+        return self.schedule[:, ctx.step]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", default="outputs/smollm2-policy")
+    parser.add_argument("--base", default="smollm2")
+    parser.add_argument("--budget", type=float, default=0.878)
+    parser.add_argument("--windows", type=int, default=112)
+    parser.add_argument("--context-length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--shuffles", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    model, tokenizer = load_model(args.base, args.policy, quiet=True)
+    texts = read_texts(EVAL_SECTIONS, PYTHON_DOCS_ROOT)
+    windows = eval_windows(tokenizer, texts, args.context_length, args.steps, args.windows)
+    generator = torch.Generator().manual_seed(0)
+    nll = {"policy": [], **{f"shuffled_{i}": [] for i in range(args.shuffles)}}
+    cost = {k: [] for k in nll}
+    for start in range(0, windows.shape[0], args.batch_size):
+        batch = windows[start : start + args.batch_size]
+        targets = parse_compute_budget(args.budget, batch.shape[0])
+        policy = run_episodes(model, batch, args.context_length, PolicyController(model.policy, budget_guard=0.25), targets)
+        nll["policy"].append(-policy.token_log_probs.mean(1))
+        cost["policy"].append(policy.step_cost.mean(1))
+        for i in range(args.shuffles):
+            order = torch.argsort(torch.rand(policy.actions.shape, generator=generator), dim=1)
+            shuffled = torch.gather(policy.actions, 1, order)
+            replay = run_episodes(model, batch, args.context_length, ReplayController(model.space, shuffled), targets)
+            nll[f"shuffled_{i}"].append(-replay.token_log_probs.mean(1))
+            cost[f"shuffled_{i}"].append(replay.step_cost.mean(1))
+    nll = {k: torch.cat(v) for k, v in nll.items()}
+    cost = {k: float(torch.cat(v).mean()) for k, v in cost.items()}
+    shuffled = torch.stack([nll[f"shuffled_{i}"] for i in range(args.shuffles)]).mean(0)
+    ppl = perplexity
+    diff = paired_comparison(nll["policy"], shuffled, bootstrap_indices(windows.shape[0], 1000))
+    print(json.dumps({
+        "benchmark": "placement_smollm2",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, torch threads {args.threads}, GPU: none",
+        "command": "python benchmarks/placement_smollm2.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "budget": args.budget,
+        "windows": int(windows.shape[0]),
+        "ppl": {"policy": ppl(nll["policy"]), "shuffled_average": ppl(shuffled),
+                **{k: ppl(v) for k, v in nll.items() if k.startswith("shuffled_")}},
+        "cost": cost,
+        "shuffled_minus_policy_ppl": diff,
+        "wall_s": round(time.time() - started, 1),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
