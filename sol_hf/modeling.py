@@ -541,6 +541,8 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         if controller == "policy":
             return PolicyController(self.policy, **kwargs)
         if controller == "uniform":
+            if kwargs:
+                raise ValueError(f"the uniform controller takes no options, got controller_kwargs {sorted(kwargs)}")
             return UniformController(self.space)
         if controller == "random":
             return RandomController(self.space, **kwargs)

@@ -333,6 +333,16 @@ def test_unsupported_architecture_names_the_supported_ones():
         SolForCausalLM(AutoModelForCausalLM.from_config(cfg), SMALL)
 
 
+def test_bad_controllers_are_refused():
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
+    with pytest.raises(ValueError, match="controller must be 'policy', 'uniform', 'random'"):
+        model.generate(_ids(1, 10), max_new_tokens=2, compute_budget=0.8, controller="greedy")
+    with pytest.raises(ValueError, match=r"uniform controller takes no options.*\['seed'\]"):
+        model.generate(_ids(1, 10), max_new_tokens=2, compute_budget=0.8, controller="uniform", controller_kwargs={"seed": 1})
+    with pytest.raises(TypeError):
+        model.generate(_ids(1, 10), max_new_tokens=2, compute_budget=0.8, controller="random", controller_kwargs={"sed": 1})
+
+
 def test_bad_actions_are_refused():
     model = SolForCausalLM(tiny_model("llama"), SMALL)
     ids = _ids(1, 5)
