@@ -269,7 +269,9 @@ class UniformController(Controller):
 
     A float budget walks a ladder of actions that reduce attention and MLP keep together
     (both axes at the grid level nearest above a common fraction, 16 bits), and alternates the
-    two ladder actions around the target so the running mean cost lands on it. Per-axis
+    two ladder actions around the target so the running mean cost lands on it. A rung whose
+    attention sparsity would not save bytes at the row's context length (short contexts, where
+    Quest's page metadata outweighs the skipped pages) keeps attention dense instead. Per-axis
     budgets do the same on each axis with its own levels.
     """
 
@@ -282,6 +284,12 @@ class UniformController(Controller):
             m = min(v for v in space.mlp_keep if v >= s - 1e-9)
             ladder.add(space.index_of(a, m, 16))
         self.ladder = sorted(ladder)
+        # Each ladder action's twin with dense attention: used instead where reading fewer KV
+        # pages (plus Quest's page metadata) would not save bytes at the row's context length.
+        self.dense_attention_twin = [
+            space.index_of(1.0, space.mlp_keep[space.axis_indices_host(a)[1]], space.bits[space.axis_indices_host(a)[2]])
+            for a in self.ladder
+        ]
 
     def _pick(self, values: torch.Tensor, requirement: torch.Tensor) -> torch.Tensor:
         """values (B, K) candidate values, requirement (B,) -> (B,) position of the largest value
@@ -294,7 +302,10 @@ class UniformController(Controller):
     def decide(self, ctx: DecisionContext) -> torch.Tensor:
         device = ctx.cost_table.device
         ladder = torch.tensor(self.ladder, device=device)
-        by_cost = ladder[self._pick(ctx.cost_table[:, ladder], ctx.requirement[:, 0])]
+        twin = torch.tensor(self.dense_attention_twin, device=device)
+        cheaper_twin = ctx.cost_table[:, twin] <= ctx.cost_table[:, ladder]  # (B, K)
+        rungs = torch.where(cheaper_twin, twin, ladder)  # (B, K) per-row ladder
+        by_cost = rungs.gather(-1, self._pick(ctx.cost_table.gather(-1, rungs), ctx.requirement[:, 0]).unsqueeze(-1)).squeeze(-1)
         index = []
         for col, levels in ((1, self.space.attention_keep), (2, self.space.mlp_keep), (3, [b / 16 for b in self.space.bits])):
             grid = torch.tensor(levels, device=device).expand(ctx.cost_table.shape[0], -1)

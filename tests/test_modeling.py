@@ -483,3 +483,15 @@ def test_page_bounds_without_a_mask_equal_bounds_with_an_all_true_mask():
     lo, hi = page_key_bounds_naive(key, None, 4)
     lo_ref, hi_ref = page_key_bounds_naive(key, torch.ones(2, 37, dtype=torch.bool), 4)
     assert torch.equal(lo, lo_ref) and torch.equal(hi, hi_ref)
+
+
+def test_uniform_keeps_attention_dense_where_sparsity_would_not_save_bytes():
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
+    # 6 tokens: every page is forced or its metadata costs more than it saves.
+    model.generate(_ids(1, 6), max_new_tokens=8, do_sample=False, compute_budget=0.6, controller="uniform")
+    short = model.last_compute_report
+    assert short.attention_keep.item() == 1.0 and short.attention_read.item() <= 1.0
+    # 300 tokens: skipping pages pays, and the ladder uses it.
+    model.generate(_ids(1, 300), max_new_tokens=8, do_sample=False, compute_budget=0.6, controller="uniform")
+    long = model.last_compute_report
+    assert long.attention_keep.item() < 1.0 and long.attention_read.item() < 1.0
