@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .budget import BudgetTargets, BudgetTracker
+from .cache import page_bounds_cache
 from .modeling import SolForCausalLM
 from .policy import Controller, DecisionContext, PolicyController, PolicyObservation
 
@@ -81,7 +82,10 @@ def run_episodes(
     if steps < 1:
         raise ValueError(f"windows of {total} tokens leave no controlled step after a {context_length}-token context")
     # Only the last position's hidden state is needed: skip the LM head on the other positions.
-    prefill = model(windows[:, :context_length], use_cache=True, logits_to_keep=1)
+    # Quest: a cache that keeps the page key bounds up to date as tokens are appended, so the
+    # controlled steps do not recompute them from every cached key.
+    cache = page_bounds_cache(model.config, model.sol_config.page_size) if model.sol_config.selection == "quest" else None
+    prefill = model(windows[:, :context_length], cache=cache, use_cache=True, logits_to_keep=1)
     cache = prefill.cache
     hidden = prefill.last_hidden_state[:, -1]
     dense_scores = dense_log_probs = None

@@ -35,6 +35,7 @@ from . import ops
 from .actions import ActionSpace, CostModel, StepBytes
 from .adapters import ModelAdapter, get_adapter
 from .budget import BudgetTargets, BudgetTracker, parse_compute_budget
+from .cache import PageBoundsLayer
 from .config import SolConfig, replace
 from .hub import SolHubMixin
 from .policy import (
@@ -73,6 +74,8 @@ class StepState:
             selects exactly what it would select alone.
         total_length: tokens in the (padded) sequence so far, the current ones included; tells
             how many slots a sliding-window cache has dropped from the front.
+        cache: the KV cache of the call; a :class:`~sol_hf.cache.PageBoundsLayer` in it supplies
+            the Quest page bounds instead of recomputing them from every key.
     """
 
     attention_keep: torch.Tensor
@@ -83,6 +86,7 @@ class StepState:
     mlp_index: torch.Tensor | None = None
     left_padding: torch.Tensor | None = None
     total_length: int = 0
+    cache: Any = None
 
 
 class _Runtime:
@@ -141,6 +145,7 @@ def _forced_pages(valid: torch.Tensor, config: SolConfig, n_pages: int) -> torch
 def sparse_decode_attention(
     step: StepState, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor,
     scaling: float, softcap: float | None, all_valid: bool = False,
+    page_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Controlled attention for R single-query rows.
 
@@ -148,6 +153,7 @@ def sparse_decode_attention(
         query: (R, Hq, D); key, value: (R, Hkv, S, D); valid: (R, S) bool.
         all_valid: host-side promise that every slot is valid (no padding, no window), which
             lets the page bounds skip masking.
+        page_bounds: (page_min, page_max) kept up to date by the cache, if available.
     Returns:
         (R, Hq, D). Adds the bytes read to ``step.kv_bytes``.
     """
@@ -164,7 +170,10 @@ def sparse_decode_attention(
     needs_selection = step.attention_keep < 1.0
     pages_to_keep = torch.where(needs_selection, pages_to_keep, n_pages)
     if config.selection == "quest":
-        page_min, page_max = ops.page_key_bounds(key, None if all_valid else valid, page)
+        if page_bounds is not None:
+            page_min, page_max = page_bounds
+        else:
+            page_min, page_max = ops.page_key_bounds(key, None if all_valid else valid, page)
         scores = ops.quest_page_scores(query, page_min, page_max)
     else:
         scores = torch.arange(n_pages, device=key.device, dtype=torch.float32).expand(rows, kv_heads, -1)
@@ -180,6 +189,21 @@ def sparse_decode_attention(
         read = read + torch.where(needs_selection, meta, torch.zeros_like(meta))
     step.kv_bytes += read
     return out
+
+
+def _cached_page_bounds(step: StepState, module, kv_len: int):
+    """The page bounds a :class:`PageBoundsLayer` of the step's cache keeps for this layer, if they
+    describe exactly the ``kv_len`` slots attention sees (host-side shape checks only)."""
+    layers = getattr(step.cache, "layers", None)
+    index = getattr(module, "layer_idx", None)
+    if layers is None or index is None or index >= len(layers):
+        return None
+    layer = layers[index]
+    if not isinstance(layer, PageBoundsLayer) or layer.page_size != step.config.page_size or layer.page_min is None:
+        return None
+    if layer.keys.shape[-2] != kv_len or layer.page_min.shape[2] != -(-kv_len // layer.page_size):
+        return None
+    return layer.page_min, layer.page_max
 
 
 def _shift_to_row_start(key, value, valid, start):
@@ -218,7 +242,8 @@ def _make_sol_attention(impl: str):
             start = (step.left_padding - (step.total_length - kv_len)).clamp(min=0).repeat_interleave(q_len)
             k, v, valid = _shift_to_row_start(k, v, valid, start)
         all_valid = attention_mask is None and q_len == 1 and step.left_padding is None
-        out = sparse_decode_attention(step, q, k, v, valid, scaling, softcap, all_valid)
+        bounds = _cached_page_bounds(step, module, kv_len) if q_len == 1 and step.left_padding is None else None
+        out = sparse_decode_attention(step, q, k, v, valid, scaling, softcap, all_valid, bounds)
         return out.view(batch, q_len, q_heads, dim), None
 
     return sol_attention
@@ -561,22 +586,22 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             if not previous:
                 runtime.last_hidden = None
 
-    def _new_step(self, actions: torch.Tensor, left_padding: torch.Tensor | None, total_length: int) -> StepState:
+    def _new_step(self, actions: torch.Tensor, left_padding: torch.Tensor | None, total_length: int, cache=None) -> StepState:
         """StepState for (B, T) or (B,) action indices (flattened b-major)."""
         values = self.space.values(actions.reshape(-1).long())
         return StepState(
             attention_keep=values["attention_keep"], mlp_keep=values["mlp_keep"], bits=values["bits"],
             kv_bytes=torch.zeros(actions.numel(), dtype=torch.float64, device=actions.device), config=self.sol_config,
-            mlp_index=values["mlp_index"], left_padding=left_padding, total_length=total_length,
+            mlp_index=values["mlp_index"], left_padding=left_padding, total_length=total_length, cache=cache,
         )
 
     @contextlib.contextmanager
-    def _explicit_step(self, actions: torch.Tensor, attention_mask: torch.Tensor | None):
+    def _explicit_step(self, actions: torch.Tensor, attention_mask: torch.Tensor | None, cache=None):
         left_padding = total_length = None
         if attention_mask is not None:
             left_padding = _left_padding(attention_mask)
             total_length = attention_mask.shape[1]
-        step = self._new_step(actions, left_padding, total_length or 0)
+        step = self._new_step(actions, left_padding, total_length or 0, cache)
         if self._runtime.step is not None or self._runtime.session is not None:
             raise RuntimeError("a SOL step is already in progress (nested forward calls are not supported)")
         self._runtime.step = step
@@ -609,7 +634,8 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             raise TypeError(f"actions must be integer action indices, got dtype {actions.dtype}")
         actions = actions.to(self.device)
         lengths = self._valid_lengths(input_ids, attention_mask, kwargs.get("cache", kwargs.get("past_key_values")))
-        with self._explicit_step(actions, attention_mask) as step, self._capturing_hidden():
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        with self._explicit_step(actions, attention_mask, cache) as step, self._capturing_hidden():
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             hidden = self._runtime.last_hidden
         cost = self._measured_cost(step, lengths.reshape(-1), with_policy=False).view_as(actions).float()
@@ -730,7 +756,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         actions = torch.where(session.dense_rows, self.space.dense_index, actions)
         session.previous_action = actions
         total_length = attention_mask.shape[1] if attention_mask is not None else cache.get_seq_length() + 1
-        self._runtime.step = self._new_step(actions, session.left_padding, total_length)
+        self._runtime.step = self._new_step(actions, session.left_padding, total_length, cache)
         return None
 
     def _after_base_forward(self, module, args, output):

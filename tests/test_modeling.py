@@ -495,3 +495,31 @@ def test_uniform_keeps_attention_dense_where_sparsity_would_not_save_bytes():
     model.generate(_ids(1, 300), max_new_tokens=8, do_sample=False, compute_budget=0.6, controller="uniform")
     long = model.last_compute_report
     assert long.attention_keep.item() < 1.0 and long.attention_read.item() < 1.0
+
+
+def test_episodes_read_quest_bounds_from_the_cache_and_match_recomputed_bounds(monkeypatch):
+    from transformers.cache_utils import DynamicCache
+
+    from sol_hf import episodes, modeling
+    from sol_hf.budget import parse_compute_budget
+    from sol_hf.policy import RandomController
+
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
+    windows = _ids(3, 50)
+    targets = parse_compute_budget(0.6, 3)
+    recomputed = []
+    original = modeling.ops.page_key_bounds
+
+    def counting(*args, **kwargs):
+        recomputed.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(modeling.ops, "page_key_bounds", counting)
+    cached = episodes.run_episodes(model, windows, 30, RandomController(model.space, seed=1), targets, repeats=2)
+    assert not recomputed  # every controlled step found its bounds in the cache
+    monkeypatch.setattr(episodes, "page_bounds_cache", lambda *a, **k: DynamicCache())
+    plain = episodes.run_episodes(model, windows, 30, RandomController(model.space, seed=1), targets, repeats=2)
+    assert recomputed  # plain cache: bounds recomputed from the keys
+    assert torch.equal(cached.actions, plain.actions)
+    torch.testing.assert_close(cached.token_log_probs, plain.token_log_probs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cached.step_cost, plain.step_cost)
