@@ -61,6 +61,7 @@ def train_policy(
     run_dir: str | None = None,
     sol_config_overrides: dict[str, Any] | None = None,
     progress: bool = True,
+    callbacks: Sequence[Any] | None = None,
     **config_overrides: Any,
 ) -> str:
     """Train a SOL policy for ``base`` on text windows and write the policy artifact.
@@ -88,6 +89,7 @@ def train_policy(
         validation_every: every n-th document is held out as validation (written to
             ``run_dir/validation_windows.safetensors`` for tuning; never the evaluation sections).
         sol_config_overrides: extra :class:`SolConfig` fields (page size, policy size, ...).
+        callbacks: ``transformers.TrainerCallback`` instances handed to the trainer.
         **config_overrides: extra :class:`SolGRPOConfig` fields (learning_rate, reward_gamma, ...).
     Returns:
         ``output_dir``.
@@ -145,7 +147,10 @@ def train_policy(
         disable_tqdm=not progress,
         **config_overrides,
     )
-    trainer = SolGRPOTrainer(model, args, train_dataset=windows_dataset(train_windows), processing_class=tokenizer)
+    trainer = SolGRPOTrainer(
+        model, args, train_dataset=windows_dataset(train_windows), processing_class=tokenizer,
+        callbacks=list(callbacks) if callbacks else None,
+    )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=config_overrides.get("resume_from_checkpoint"))
     elapsed = time.perf_counter() - started
