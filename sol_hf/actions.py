@@ -132,12 +132,15 @@ class CostModel:
         length = context_length.to(torch.float64).unsqueeze(-1)
         return torch.where(window > 0, torch.minimum(length, window), length)
 
+    def dense_kv_bytes(self, context_length: torch.Tensor) -> torch.Tensor:
+        """(...,) -> (...,) float64 K/V bytes a dense step reads over all layers."""
+        kv, _ = self._layers(context_length.device)
+        return (self.effective_lengths(context_length) * kv).sum(-1)
+
     def dense_bytes(self, context_length: torch.Tensor) -> torch.Tensor:
         """(...,) -> (...,) float64 bytes of a dense step (no policy)."""
-        kv, _ = self._layers(context_length.device)
         b = self.bytes
-        kv_bytes = (self.effective_lengths(context_length) * kv).sum(-1)
-        return b.fixed + b.mlp_input + b.mlp_output + kv_bytes + 16 * b.activation_per_bit
+        return b.fixed + b.mlp_input + b.mlp_output + self.dense_kv_bytes(context_length) + 16 * b.activation_per_bit
 
     def pages_read(self, attention_keep: torch.Tensor, effective_length: torch.Tensor) -> torch.Tensor:
         """Predicted pages read per layer, as the page selection computes them.

@@ -130,16 +130,20 @@ def _valid_slots(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv
     return mask.expand(batch, q_len, kv_len)
 
 
+def _any_per_page(slots: torch.Tensor, n_pages: int, page: int) -> torch.Tensor:
+    """(R, S) bool per slot -> (R, NP) bool: does the page hold any True slot."""
+    pad = n_pages * page - slots.shape[-1]
+    if pad:
+        slots = torch.cat([slots, slots.new_zeros(slots.shape[0], pad)], dim=-1)
+    return slots.view(slots.shape[0], n_pages, page).any(-1)
+
+
 def _forced_pages(valid: torch.Tensor, config: SolConfig, n_pages: int) -> torch.Tensor:
     """(R, S) valid slots -> (R, NP) pages holding a sink token or a recent-window token."""
-    page = config.page_size
     rank_from_start = valid.cumsum(-1)
     rank_from_end = valid.flip(-1).cumsum(-1).flip(-1)
     keep = valid & ((rank_from_start <= config.sink_tokens) | (rank_from_end <= config.recent_tokens))
-    pad = n_pages * page - keep.shape[-1]
-    if pad:
-        keep = torch.cat([keep, keep.new_zeros(keep.shape[0], pad)], dim=-1)
-    return keep.view(keep.shape[0], n_pages, page).any(-1)
+    return _any_per_page(keep, n_pages, config.page_size)
 
 
 def sparse_decode_attention(
@@ -162,8 +166,7 @@ def sparse_decode_attention(
     rows, kv_heads, seq_len, dim = key.shape
     n_pages = -(-seq_len // page)
     n_valid = valid.sum(-1)
-    padded_valid = torch.cat([valid, valid.new_zeros(rows, n_pages * page - seq_len)], dim=-1)
-    page_valid = padded_valid.view(rows, n_pages, page).any(-1)
+    page_valid = _any_per_page(valid, n_pages, page)
     forced = _forced_pages(valid, config, n_pages)
     wanted_tokens = torch.ceil(step.attention_keep.double() * n_valid).long()
     pages_to_keep = torch.div(wanted_tokens + page - 1, page, rounding_mode="floor")
@@ -772,7 +775,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             plain = self._measured_cost(step, lengths, with_policy=False)
             cost = torch.where(session.dense_rows, plain, cost)
         session.tracker.update(cost, step.attention_keep, step.mlp_keep, step.bits)
-        dense_kv = (self.cost_model.effective_lengths(lengths) * self.cost_model._layers(lengths.device)[0]).sum(-1)
+        dense_kv = self.cost_model.dense_kv_bytes(lengths)
         session.kv_read += step.kv_bytes
         session.kv_dense += dense_kv
         return None

@@ -10,8 +10,6 @@ pick the fastest available implementation.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._backend import HAS_TRITON, get_backend, next_power_of_2, target_programs, tl, triton, use_triton
@@ -454,7 +452,3 @@ def page_attention(
     if use_triton(backend, query, key, value) and (forced or query.shape[-1] <= 256):
         return page_attention_triton(query, key, value, page_ids, page_count, valid, page_size, scaling, softcap)
     return page_attention_naive(query, key, value, page_ids, page_count, valid, page_size, scaling, softcap)
-
-
-def default_scaling(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
