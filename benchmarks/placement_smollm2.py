@@ -4,10 +4,13 @@ For each held-out window the trained policy's own schedule (T actions) is replay
 its order, and with its steps shuffled (same actions, same mixture, same cost up to context-length
 effects, random placement). If the policy's perplexity is lower than the shuffled replays',
 per-token placement carries the gain; if they tie, the gain comes from the mixture of actions.
+The uniform schedule at each window's achieved policy cost is reported beside them.
 
     python benchmarks/placement_smollm2.py --policy outputs/smollm2-policy --budget 0.878 --threads 2
 
-Prints JSON (perplexities, paired bootstrap interval of shuffled - policy, achieved costs).
+Prints JSON (perplexities, paired bootstrap intervals of shuffled - policy and uniform - policy,
+achieved costs). ``--windows-file`` scores other windows (for tuning: the training run's
+``validation_windows.safetensors``) instead of the held-out evaluation sections.
 """
 
 from __future__ import annotations
@@ -22,21 +25,10 @@ import torch
 
 from sol_hf.budget import parse_compute_budget
 from sol_hf.cli import eval_windows, load_model, read_texts
-from sol_hf.data import EVAL_SECTIONS, PYTHON_DOCS_ROOT
+from sol_hf.data import EVAL_SECTIONS, PYTHON_DOCS_ROOT, load_windows
 from sol_hf.episodes import run_episodes
 from sol_hf.evaluation.stats import bootstrap_indices, paired_comparison, perplexity
-from sol_hf.policy import Controller, PolicyController
-
-
-class ReplayController(Controller):
-    """Plays a fixed (R, T) schedule of action indices."""
-
-    def __init__(self, space, schedule: torch.Tensor):
-        super().__init__(space)
-        self.schedule = schedule
-
-    def decide(self, ctx):
-        return self.schedule[:, ctx.step]
+from sol_hf.policy import PolicyController, ScheduleController, UniformController
 
 
 def main() -> None:
@@ -45,6 +37,9 @@ def main() -> None:
     parser.add_argument("--base", default="smollm2")
     parser.add_argument("--budget", type=float, default=0.878)
     parser.add_argument("--windows", type=int, default=112)
+    parser.add_argument("--windows-file", default=None,
+                        help="a safetensors file of (N, L) windows (e.g. the training run's validation_windows) "
+                             "instead of the held-out evaluation sections")
     parser.add_argument("--context-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--shuffles", type=int, default=4)
@@ -54,10 +49,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.time()
     model, tokenizer = load_model(args.base, args.policy, quiet=True)
-    texts = read_texts(EVAL_SECTIONS, PYTHON_DOCS_ROOT)
-    windows = eval_windows(tokenizer, texts, args.context_length, args.steps, args.windows)
+    if args.windows_file:
+        windows = load_windows(args.windows_file, args.context_length + args.steps + 1, args.windows)
+    else:
+        windows = eval_windows(tokenizer, read_texts(EVAL_SECTIONS, PYTHON_DOCS_ROOT), args.context_length, args.steps, args.windows)
     generator = torch.Generator().manual_seed(0)
-    nll = {"policy": [], **{f"shuffled_{i}": [] for i in range(args.shuffles)}}
+    nll = {"policy": [], "uniform": [], **{f"shuffled_{i}": [] for i in range(args.shuffles)}}
     cost = {k: [] for k in nll}
     for start in range(0, windows.shape[0], args.batch_size):
         batch = windows[start : start + args.batch_size]
@@ -65,29 +62,36 @@ def main() -> None:
         policy = run_episodes(model, batch, args.context_length, PolicyController(model.policy, budget_guard=0.25), targets)
         nll["policy"].append(-policy.token_log_probs.mean(1))
         cost["policy"].append(policy.step_cost.mean(1))
+        # the static schedule at the cost this policy achieved on each window
+        matched = parse_compute_budget(policy.step_cost.mean(1).clamp(1e-3, 1.0).cpu(), batch.shape[0])
+        uniform = run_episodes(model, batch, args.context_length, UniformController(model.space), matched)
+        nll["uniform"].append(-uniform.token_log_probs.mean(1))
+        cost["uniform"].append(uniform.step_cost.mean(1))
         for i in range(args.shuffles):
             order = torch.argsort(torch.rand(policy.actions.shape, generator=generator), dim=1)
             shuffled = torch.gather(policy.actions, 1, order)
-            replay = run_episodes(model, batch, args.context_length, ReplayController(model.space, shuffled), targets)
+            replay = run_episodes(model, batch, args.context_length, ScheduleController(model.space, shuffled), targets)
             nll[f"shuffled_{i}"].append(-replay.token_log_probs.mean(1))
             cost[f"shuffled_{i}"].append(replay.step_cost.mean(1))
     nll = {k: torch.cat(v) for k, v in nll.items()}
     cost = {k: float(torch.cat(v).mean()) for k, v in cost.items()}
     shuffled = torch.stack([nll[f"shuffled_{i}"] for i in range(args.shuffles)]).mean(0)
     ppl = perplexity
-    diff = paired_comparison(nll["policy"], shuffled, bootstrap_indices(windows.shape[0], 1000))
+    boot = bootstrap_indices(windows.shape[0], 1000)
+    diff = paired_comparison(nll["policy"], shuffled, boot)
     print(json.dumps({
         "benchmark": "placement_smollm2",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, torch threads {args.threads}, GPU: none",
         "command": "python benchmarks/placement_smollm2.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
         "budget": args.budget,
         "windows": int(windows.shape[0]),
-        "ppl": {"policy": ppl(nll["policy"]), "shuffled_average": ppl(shuffled),
+        "ppl": {"policy": ppl(nll["policy"]), "uniform": ppl(nll["uniform"]), "shuffled_average": ppl(shuffled),
                 **{k: ppl(v) for k, v in nll.items() if k.startswith("shuffled_")}},
         "cost": cost,
         "shuffled_minus_policy_ppl": diff,
+        "uniform_minus_policy_ppl": paired_comparison(nll["policy"], nll["uniform"], boot),
         "wall_s": round(time.time() - started, 1),
     }, indent=2))
 

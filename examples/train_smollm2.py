@@ -35,6 +35,10 @@ def main() -> None:
     parser.add_argument("--entropy-coef", type=float, default=0.01)
     parser.add_argument("--action-head", default="factorized", choices=("joint", "factorized"),
                         help="one softmax over the grid (the paper) or one per axis (learns axis preferences faster)")
+    parser.add_argument("--lm-confidence", action=argparse.BooleanOptionalAction, default=False,
+                        help="the policy also reads the base model's confidence in the current token (SolConfig.observe_lm_confidence)")
+    parser.add_argument("--reward-gamma", type=float, default=0.85, help="discount of the reward-to-go (authors: 0.85)")
+    parser.add_argument("--reward-type", default="loglik", choices=("loglik", "neg_kl"))
     parser.add_argument("--context-length", type=int, default=256)
     parser.add_argument("--windows-per-step", type=int, default=4)
     parser.add_argument("--num-generations", type=int, default=8)
@@ -61,6 +65,9 @@ def main() -> None:
         learning_rate=opts.learning_rate,
         entropy_coef=opts.entropy_coef,
         action_head=opts.action_head,
+        sol_config_overrides={"observe_lm_confidence": opts.lm_confidence},
+        reward_gamma=opts.reward_gamma,
+        reward_type=opts.reward_type,
         save_strategy="steps",
         save_steps=opts.save_steps,
         logging_steps=5,

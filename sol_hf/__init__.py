@@ -3,7 +3,7 @@
 from .actions import ActionSpace, CostModel
 from .config import SolConfig
 from .modeling import SolComputeReport, SolForCausalLM
-from .policy import PolicyController, RandomController, SolPolicy, UniformController
+from .policy import PolicyController, RandomController, ScheduleController, SolPolicy, UniformController
 
 __version__ = "0.1.0"
 
@@ -17,5 +17,6 @@ __all__ = [
     "PolicyController",
     "UniformController",
     "RandomController",
+    "ScheduleController",
     "__version__",
 ]

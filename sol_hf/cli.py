@@ -206,18 +206,13 @@ def read_texts(sections: Sequence[str], root: str) -> list[str]:
 def eval_windows(tokenizer, texts: Sequence[str], context_length: int, steps: int, count: int | None):
     """(N, context_length + steps + 1) windows of ``texts``, ``count`` of them evenly spaced over
     all windows (so every section is represented), deterministic."""
-    import torch
-
-    from .data import text_windows
+    from .data import evenly_spaced, text_windows
 
     try:
         windows = text_windows(texts, tokenizer, context_length + steps + 1)
     except ValueError as err:
         raise CLIError(_one_line(err)) from None
-    if count is not None and count < windows.shape[0]:
-        index = torch.linspace(0, windows.shape[0] - 1, count).round().long()
-        windows = windows[index]
-    return windows
+    return evenly_spaced(windows, count)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,6 +55,10 @@ class SolConfig:
         action_embedding_size: size of the previous-action embedding.
         action_head: ``"joint"`` (one softmax over the whole grid, as the paper) or
             ``"factorized"`` (one softmax per axis).
+        observe_lm_confidence: the policy also reads three numbers from the base model's previous
+            next-token distribution (its normalised entropy, the probability it gave the token now
+            being processed, its top probability). They are free at decode time (the logits exist
+            anyway) and tell the policy how predictable the text is at this point.
         budget_range: (low, high) unified cost budgets the policy is trained for.
         kv_refresh: how KV entries written under sparse actions are treated; ``"none"`` keeps
             them as written (the paper's default at inference).
@@ -76,6 +80,7 @@ class SolConfig:
     policy_max_steps: int = 1024
     action_embedding_size: int = 32
     action_head: str = "joint"
+    observe_lm_confidence: bool = False
     budget_range: tuple[float, float] = (0.3, 1.0)
     kv_refresh: str = "none"
     base_model_name_or_path: str | None = None
@@ -100,6 +105,8 @@ class SolConfig:
         self.bits = bits
         if self.selection not in SELECTION_CRITERIA:
             raise ValueError(f"SolConfig.selection must be one of {SELECTION_CRITERIA}, got {self.selection!r}")
+        if not isinstance(self.observe_lm_confidence, bool):
+            raise ValueError(f"SolConfig.observe_lm_confidence must be true or false, got {self.observe_lm_confidence!r}")
         if self.action_head not in ACTION_HEADS:
             raise ValueError(f"SolConfig.action_head must be one of {ACTION_HEADS}, got {self.action_head!r}")
         if self.kv_refresh not in KV_REFRESH_MODES:

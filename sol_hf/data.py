@@ -12,7 +12,15 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["PYTHON_DOCS_ROOT", "TRAIN_SECTIONS", "EVAL_SECTIONS", "python_docs_texts", "text_windows"]
+__all__ = [
+    "PYTHON_DOCS_ROOT",
+    "TRAIN_SECTIONS",
+    "EVAL_SECTIONS",
+    "python_docs_texts",
+    "text_windows",
+    "evenly_spaced",
+    "load_windows",
+]
 
 PYTHON_DOCS_ROOT = "/usr/share/doc/python3.11/html/_sources"
 TRAIN_SECTIONS = ("library", "howto", "whatsnew")
@@ -73,3 +81,27 @@ def text_windows(
     if not windows:
         raise ValueError(f"no text was long enough for a window of {window_length} tokens")
     return torch.tensor(windows, dtype=torch.long)
+
+
+def evenly_spaced(windows: torch.Tensor, count: int | None) -> torch.Tensor:
+    """``count`` of the (N, L) windows, evenly spaced over all of them (deterministic), so every
+    section or document range is represented; all of them when ``count`` is None or >= N."""
+    if count is None or count >= windows.shape[0]:
+        return windows
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    return windows[torch.linspace(0, windows.shape[0] - 1, count).round().long()]
+
+
+def load_windows(path: str, window_length: int, count: int | None = None) -> torch.Tensor:
+    """Windows saved as a safetensors file with a ``windows`` (N, L) tensor (as ``train_policy``
+    writes its validation windows), cut to their first ``window_length`` tokens, then
+    :func:`evenly_spaced`."""
+    from safetensors.torch import load_file
+
+    windows = load_file(path).get("windows")
+    if windows is None or windows.dim() != 2:
+        raise ValueError(f"{path} holds no (N, L) 'windows' tensor")
+    if windows.shape[1] < window_length:
+        raise ValueError(f"{path} holds windows of {windows.shape[1]} tokens; {window_length} are needed")
+    return evenly_spaced(windows[:, :window_length], count)

@@ -17,7 +17,7 @@ import torch
 from .budget import BudgetTargets, BudgetTracker
 from .cache import page_bounds_cache
 from .modeling import SolForCausalLM
-from .policy import Controller, DecisionContext, PolicyController, PolicyObservation
+from .policy import Controller, DecisionContext, PolicyController, PolicyObservation, lm_confidence_features
 
 __all__ = ["EpisodeBatch", "run_episodes"]
 
@@ -88,6 +88,7 @@ def run_episodes(
     prefill = model(windows[:, :context_length], cache=cache, use_cache=True, logits_to_keep=1)
     cache = prefill.cache
     hidden = prefill.last_hidden_state[:, -1]
+    previous_logits = prefill.logits[:, -1]  # (B, V): what the base model expected of the first controlled token
     dense_scores = dense_log_probs = None
     if with_dense:
         dense = model(windows[:, context_length : context_length + steps], cache=_clone_cache(cache), use_cache=True)
@@ -98,6 +99,7 @@ def run_episodes(
     if repeats > 1:
         cache.batch_repeat_interleave(repeats)
         hidden = hidden.repeat_interleave(repeats, 0)
+        previous_logits = previous_logits.repeat_interleave(repeats, 0)
         windows = windows.repeat_interleave(repeats, 0)
         targets = targets.repeat_interleave(repeats)
     targets = BudgetTargets(targets.values.to(device), targets.is_set.to(device))
@@ -105,10 +107,11 @@ def run_episodes(
     tracker = BudgetTracker(targets, steps)
     controller.reset()
     is_policy = controller.uses_policy
+    observe_confidence = is_policy and model.sol_config.observe_lm_confidence
     n_actions = model.space.num_actions
     previous = torch.full((rows,), n_actions, dtype=torch.long, device=device)
     record: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("lp", "kl", "a", "cost", "ak", "mk", "bits", "h", "e", "f", "prev", "allowed", "blp")
+        k: [] for k in ("lp", "kl", "a", "cost", "ak", "mk", "bits", "h", "e", "f", "prev", "c", "allowed", "blp")
     }
     embed = model.get_input_embeddings()
     for t in range(steps):
@@ -117,12 +120,14 @@ def run_episodes(
         lengths = torch.full((rows,), position + 1, device=device)
         observation = None
         if is_policy:
-            observation = PolicyObservation(hidden, embed(tokens), tracker.features(), previous)
+            confidence = lm_confidence_features(previous_logits, tokens) if observe_confidence else None
+            observation = PolicyObservation(hidden, embed(tokens), tracker.features(), previous, confidence)
         ctx = DecisionContext(tracker.requirement(), targets, model.cost_model.cost_table(lengths, is_policy), observation, t)
         actions = controller.decide(ctx)
         out = model(tokens.unsqueeze(1), cache=cache, actions=actions.unsqueeze(1), use_cache=True)
         cache = out.cache
         hidden = out.last_hidden_state[:, -1]
+        previous_logits = out.logits[:, -1]
         values = model.space.values(actions)
         cost = out.step_cost[:, 0]
         if is_policy:  # the policy's own weights are read every step
@@ -144,6 +149,8 @@ def run_episodes(
             record["e"].append(observation.token_embedding)
             record["f"].append(observation.features)
             record["prev"].append(previous)
+            if observation.lm_confidence is not None:
+                record["c"].append(observation.lm_confidence)
             if controller.last_allowed is not None:
                 record["allowed"].append(controller.last_allowed)
             record["blp"].append(controller.last_log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1))
@@ -155,7 +162,9 @@ def run_episodes(
         dense_kl=stack("kl") if record["kl"] else None,
     )
     if is_policy:
-        result.observations = PolicyObservation(stack("h"), stack("e"), stack("f"), stack("prev"))
+        result.observations = PolicyObservation(
+            stack("h"), stack("e"), stack("f"), stack("prev"), stack("c") if record["c"] else None
+        )
         result.allowed = stack("allowed") if record["allowed"] else None
         result.behaviour_log_probs = stack("blp")
     return result

@@ -46,6 +46,7 @@ from .policy import (
     RandomController,
     SolPolicy,
     UniformController,
+    lm_confidence_features,
     policy_hidden_size_for,
 )
 
@@ -405,6 +406,7 @@ class _Session:
         self.kv_read = torch.zeros_like(tracker.spent[:, 0])
         self.kv_dense = torch.zeros_like(tracker.spent[:, 0])
         self.left_padding: torch.Tensor | None = None
+        self.last_logits: torch.Tensor | None = None  # (B, V) the previous forward's last-position logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,9 +695,10 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         self._check_reachable(targets, input_ids, kwargs.get("attention_mask"), ctrl)
         device = self.device
         targets = BudgetTargets(targets.values.to(device), targets.is_set.to(device))
-        max_steps = kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or 20
+        max_new_tokens = kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or 20
         ctrl.reset()
-        session = _Session(ctrl, BudgetTracker(targets, max_steps), targets.is_dense)
+        # The first new token comes from the (dense) prefill: max_new_tokens - 1 controlled steps.
+        session = _Session(ctrl, BudgetTracker(targets, max_new_tokens - 1), targets.is_dense)
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is not None and not bool(attention_mask[:, 0].all()):  # once, before decoding
             session.left_padding = _left_padding(attention_mask.to(device))
@@ -748,11 +751,15 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             previous = session.previous_action
             if previous is None:
                 previous = torch.full_like(input_ids[:, 0], self.space.num_actions)
+            confidence = None
+            if self.sol_config.observe_lm_confidence:
+                confidence = lm_confidence_features(session.last_logits, input_ids[:, -1])
             observation = PolicyObservation(
                 hidden=self._runtime.last_hidden[:, -1],
                 token_embedding=self.get_input_embeddings()(input_ids[:, -1]),
                 features=session.tracker.features(),
                 previous_action=previous,
+                lm_confidence=confidence,
             )
         ctx = DecisionContext(session.tracker.requirement(), session.tracker.targets, cost_table, observation, session.tracker.steps)
         actions = session.controller.decide(ctx)
@@ -765,6 +772,8 @@ class SolForCausalLM(SolHubMixin, nn.Module):
     def _after_base_forward(self, module, args, output):
         session = self._runtime.session
         step = self._runtime.step
+        if session is not None and getattr(output, "logits", None) is not None:
+            session.last_logits = output.logits[:, -1]
         if session is None or step is None:
             return None
         self._runtime.step = None

@@ -26,12 +26,16 @@ __all__ = [
     "PolicyController",
     "UniformController",
     "RandomController",
+    "ScheduleController",
     "budget_guard_mask",
+    "lm_confidence_features",
+    "NUM_LM_CONFIDENCE_FEATURES",
     "policy_hidden_size_for",
 ]
 
 SCALAR_EMBED = 64
 BUDGET_HEAD_HIDDEN = 32
+NUM_LM_CONFIDENCE_FEATURES = 3
 
 
 @dataclass
@@ -43,12 +47,31 @@ class PolicyObservation:
         token_embedding: (B, [T,] H) input embedding of the token being processed.
         features: (B, [T,] 13) budget features (see ``BudgetTracker.features``).
         previous_action: (B, [T]) int64; ``num_actions`` means "no previous action".
+        lm_confidence: (B, [T], 3) :func:`lm_confidence_features` of the base model's previous
+            next-token distribution; only for policies with ``observe_lm_confidence``.
     """
 
     hidden: torch.Tensor
     token_embedding: torch.Tensor
     features: torch.Tensor
     previous_action: torch.Tensor
+    lm_confidence: torch.Tensor | None = None
+
+
+def lm_confidence_features(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """How sure the base model was of the token now being processed.
+
+    Args:
+        logits: (B, V) the base model's next-token logits at the previous position.
+        tokens: (B,) the token that came (the input of the current step).
+    Returns:
+        (B, 3) float32 in [0, 1]: entropy / log(V), probability of ``tokens``, top probability.
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs.clamp_min(-1e4)).sum(-1) / math.log(logits.shape[-1])
+    chosen = probs.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return torch.stack([entropy.clamp(0.0, 1.0), chosen, probs.amax(-1)], dim=-1)
 
 
 def policy_hidden_size_for(config: SolConfig, lm_hidden_size: int, base_parameters: int) -> int:
@@ -105,7 +128,8 @@ class SolPolicy(nn.Module):
     """A small causal transformer over decode steps that outputs action logits.
 
     Per step it reads the base model's final hidden state of the previous token, the current
-    token's embedding, 13 budget features and the previous action (see
+    token's embedding, 13 budget features, the previous action and, with
+    ``observe_lm_confidence``, how sure the base model was of the current token (see
     :class:`PolicyObservation`). Budget targets also enter directly through ``budget_head``,
     an MLP whose output is added to the logits (as the paper).
 
@@ -126,7 +150,8 @@ class SolPolicy(nn.Module):
         n_out = n if config.action_head == "joint" else sum(self.axis_sizes)
         self.hidden_norm = nn.LayerNorm(lm_hidden_size, elementwise_affine=False)
         self.embedding_norm = nn.LayerNorm(lm_hidden_size, elementwise_affine=False)
-        self.scalar_proj = nn.Sequential(nn.Linear(NUM_BUDGET_FEATURES, SCALAR_EMBED), nn.GELU(), nn.LayerNorm(SCALAR_EMBED))
+        n_scalars = NUM_BUDGET_FEATURES + (NUM_LM_CONFIDENCE_FEATURES if config.observe_lm_confidence else 0)
+        self.scalar_proj = nn.Sequential(nn.Linear(n_scalars, SCALAR_EMBED), nn.GELU(), nn.LayerNorm(SCALAR_EMBED))
         self.action_embedding = nn.Embedding(n + 1, config.action_embedding_size)
         self.obs_proj = nn.Linear(2 * lm_hidden_size + SCALAR_EMBED + config.action_embedding_size, width)
         self.position = nn.Embedding(config.policy_max_steps, width)
@@ -143,11 +168,17 @@ class SolPolicy(nn.Module):
 
     # -- the network ---------------------------------------------------------------------------
     def _embed(self, obs: PolicyObservation, positions: torch.Tensor) -> torch.Tensor:
+        scalars = obs.features.float()
+        if self.config.observe_lm_confidence:
+            if obs.lm_confidence is None:
+                raise ValueError("this policy observes the base model's confidence (observe_lm_confidence=True) "
+                                 "but the observation has no lm_confidence")
+            scalars = torch.cat([scalars, obs.lm_confidence.float()], dim=-1)
         x = torch.cat(
             [
                 self.hidden_norm(obs.hidden.float()),
                 self.embedding_norm(obs.token_embedding.float()),
-                self.scalar_proj(obs.features.float()),
+                self.scalar_proj(scalars),
                 self.action_embedding(obs.previous_action),
             ],
             dim=-1,
@@ -183,7 +214,8 @@ class SolPolicy(nn.Module):
         positions = torch.full_like(obs.previous_action, position).unsqueeze(1)
         x = self._embed(
             PolicyObservation(
-                obs.hidden.unsqueeze(1), obs.token_embedding.unsqueeze(1), obs.features.unsqueeze(1), obs.previous_action.unsqueeze(1)
+                obs.hidden.unsqueeze(1), obs.token_embedding.unsqueeze(1), obs.features.unsqueeze(1), obs.previous_action.unsqueeze(1),
+                None if obs.lm_confidence is None else obs.lm_confidence.unsqueeze(1),
             ),
             positions,
         )
@@ -336,6 +368,34 @@ class RandomController(Controller):
         allowed = budget_guard_mask(self.space, ctx, self.spread)
         noise = torch.rand(ctx.cost_table.shape, generator=self.generator, device=device)
         return torch.where(allowed, noise, -1.0).argmax(-1)
+
+
+class ScheduleController(Controller):
+    """Plays a fixed schedule: row ``r`` takes ``schedule[r, t]`` at controlled step ``t``.
+
+    For counterfactual analyses (replaying a policy's actions in another order, probing one
+    step at a time). Budgets are not consulted: the schedule is what it is.
+
+    Args:
+        space: the model's action space.
+        schedule: (R, T) int64 action indices, one row per episode row (after ``repeats``).
+    """
+
+    def __init__(self, space: ActionSpace, schedule: torch.Tensor):
+        super().__init__(space)
+        if schedule.dim() != 2 or schedule.dtype != torch.long:
+            raise ValueError(f"schedule must be a (rows, steps) int64 tensor, got {tuple(schedule.shape)} {schedule.dtype}")
+        if schedule.numel() and (int(schedule.min()) < 0 or int(schedule.max()) >= space.num_actions):
+            raise ValueError(f"schedule holds action indices outside [0, {space.num_actions})")
+        self.schedule = schedule
+
+    def decide(self, ctx: DecisionContext) -> torch.Tensor:
+        rows = ctx.cost_table.shape[0]
+        if rows != self.schedule.shape[0] or ctx.step >= self.schedule.shape[1]:
+            raise ValueError(
+                f"schedule of shape {tuple(self.schedule.shape)} does not cover {rows} rows at step {ctx.step}"
+            )
+        return self.schedule[:, ctx.step].to(ctx.cost_table.device)
 
 
 class PolicyController(Controller):

@@ -232,3 +232,22 @@ def test_statistics_by_hand():
     assert gap_closed(11.0, 12.0, 10.0) == pytest.approx(0.5)
     assert gap_closed(12.5, 12.0, 10.0) == pytest.approx(-0.25)
     assert gap_closed(11.0, 10.0, 10.0) is None
+
+
+def test_schedule_controller_replays_a_schedule_exactly(pair):
+    from sol_hf.policy import ScheduleController
+
+    model, _ = pair
+    w = windows(3, seed=5)
+    targets = parse_compute_budget(0.9, 3)
+    played = run_episodes(model, w, CONTEXT, RandomController(model.space, seed=3), targets)
+    replayed = run_episodes(model, w, CONTEXT, ScheduleController(model.space, played.actions), targets)
+    assert torch.equal(replayed.actions, played.actions)
+    assert torch.allclose(replayed.token_log_probs, played.token_log_probs, atol=1e-6)
+    assert torch.allclose(replayed.step_cost, played.step_cost)
+    with pytest.raises(ValueError, match="does not cover"):
+        run_episodes(model, w[:2], CONTEXT, ScheduleController(model.space, played.actions), targets)
+    with pytest.raises(ValueError, match="outside"):
+        ScheduleController(model.space, played.actions + model.space.num_actions)
+    with pytest.raises(ValueError, match="int64"):
+        ScheduleController(model.space, played.actions.float())

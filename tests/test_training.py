@@ -364,3 +364,22 @@ def test_train_policy_end_to_end_writes_only_the_artifact(tmp_path):
     assert config["action_head"] == "factorized" and config["bits"] == [8, 16]
     run = tmp_path / "policy-run"
     assert (run / "training_log.json").exists() and (run / "validation_windows.safetensors").exists()
+
+
+def test_saved_windows_load_cut_and_evenly_spaced(tmp_path):
+    from safetensors.torch import save_file
+
+    from sol_hf.data import evenly_spaced, load_windows
+
+    windows = torch.arange(10 * 6).view(10, 6)
+    path = str(tmp_path / "w.safetensors")
+    save_file({"windows": windows}, path)
+    got = load_windows(path, 4, count=3)
+    assert torch.equal(got, windows[[0, 4, 9], :4])  # linspace(0, 9, 3) = 0, 4.5 -> 4 (round half even), 9
+    assert torch.equal(load_windows(path, 6), windows)
+    assert torch.equal(evenly_spaced(windows, 50), windows)
+    with pytest.raises(ValueError, match="7 are needed"):
+        load_windows(path, 7)
+    save_file({"other": windows}, path)
+    with pytest.raises(ValueError, match="no \\(N, L\\) 'windows'"):
+        load_windows(path, 4)

@@ -90,10 +90,11 @@ class SolPolicyTrainingModel(PreTrainedModel):
         actions: torch.Tensor,
         allowed: torch.Tensor | None = None,
         temperature: float = 1.0,
+        lm_confidence: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Episodes (R, T, ...) -> ((R, T) log-prob of ``actions``, (R, T) entropy) under the
         tempered, guard-masked distribution the actions were sampled from."""
-        log_probs = self.policy(PolicyObservation(hidden, token_embedding, features, previous_action))
+        log_probs = self.policy(PolicyObservation(hidden, token_embedding, features, previous_action, lm_confidence))
         behaviour = PolicyController.behaviour_log_probs(log_probs, allowed, temperature)
         chosen = behaviour.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         finite = torch.where(torch.isfinite(behaviour), behaviour, torch.zeros_like(behaviour))  # no 0 * -inf
@@ -244,6 +245,8 @@ class SolGRPOTrainer(GRPOTrainer):
         }
         if batch.allowed is not None:
             out["allowed"] = batch.allowed
+        if obs.lm_confidence is not None:
+            out["lm_confidence"] = obs.lm_confidence
         return {name: t.to(self.accelerator.device) for name, t in out.items()}
 
     def score_episodes(self, batch) -> dict[str, torch.Tensor]:
@@ -284,7 +287,7 @@ class SolGRPOTrainer(GRPOTrainer):
         log_probs, entropy = model(
             hidden=inputs["hidden"], token_embedding=inputs["token_embedding"], features=inputs["features"],
             previous_action=inputs["previous_action"], actions=inputs["actions"], allowed=inputs.get("allowed"),
-            temperature=args.temperature,
+            temperature=args.temperature, lm_confidence=inputs.get("lm_confidence"),
         )
         advantages = inputs["advantages"]
         ratio = torch.exp(log_probs - inputs["old_log_probs"])

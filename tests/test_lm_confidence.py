@@ -1,0 +1,89 @@
+"""The policy's view of the base model's confidence, and training/inference seeing the same thing."""
+
+import math
+
+import pytest
+import torch
+
+from _tiny import tiny_model
+from sol_hf import SolConfig, SolForCausalLM
+from sol_hf.budget import parse_compute_budget
+from sol_hf.episodes import run_episodes
+from sol_hf.policy import PolicyController, PolicyObservation, lm_confidence_features
+
+CONTEXT = 20
+STEPS = 7
+
+
+def test_confidence_features_by_hand():
+    uniform = torch.zeros(1, 4)
+    assert torch.allclose(lm_confidence_features(uniform, torch.tensor([2])), torch.tensor([[1.0, 0.25, 0.25]]))
+    probs = torch.tensor([[0.5, 0.25, 0.125, 0.125]])
+    entropy = -(probs * probs.log()).sum() / math.log(4)  # 0.875
+    got = lm_confidence_features(probs.log() + 3.0, torch.tensor([1]))  # logits up to a constant
+    assert torch.allclose(got, torch.tensor([[entropy, 0.25, 0.5]]), atol=1e-6)
+    certain = torch.tensor([[0.0, -torch.inf, -torch.inf, -torch.inf]])  # a masked vocabulary stays finite
+    assert torch.allclose(lm_confidence_features(certain, torch.tensor([0])), torch.tensor([[0.0, 1.0, 1.0]]))
+
+
+def _confident_policy_model(model_type: str, seed: int = 0) -> SolForCausalLM:
+    config = SolConfig(page_size=4, sink_tokens=4, recent_tokens=4, policy_hidden_size=16, policy_heads=2,
+                       action_embedding_size=8, observe_lm_confidence=True)
+    layers = {"gpt2": {"n_layer": 4}}.get(model_type, {"num_hidden_layers": 4})
+    model = SolForCausalLM(tiny_model(model_type, seed=seed, intermediate_size=256, **layers), config)
+    torch.manual_seed(seed)
+    with torch.no_grad():  # a random but decisive policy, so the greedy actions vary from step to step
+        for p in model.policy.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def test_policy_reads_the_confidence_features():
+    model = _confident_policy_model("llama")
+    policy = model.policy
+    n = 5
+    obs = PolicyObservation(torch.randn(n, 1, policy.lm_hidden_size), torch.randn(n, 1, policy.lm_hidden_size),
+                            torch.rand(n, 1, 13), torch.full((n, 1), model.space.num_actions), torch.zeros(n, 1, 3))
+    sure = policy(obs)
+    obs.lm_confidence = torch.ones(n, 1, 3)
+    assert not torch.allclose(policy(obs), sure)
+    obs.lm_confidence = None
+    with pytest.raises(ValueError, match="observe_lm_confidence"):
+        policy(obs)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt2"])
+def test_generate_and_episodes_give_the_policy_the_same_observations(model_type):
+    """A greedy policy run through HF generate and the teacher-forced episode runner on the tokens
+    generate produced must take the same actions at the same costs: training sees what inference sees."""
+    model = _confident_policy_model(model_type)
+    context = torch.randint(3, 90, (2, CONTEXT), generator=torch.Generator().manual_seed(1))
+    low, high = model.budget_range(CONTEXT + 1, "policy")
+    assert low < 0.95, "the tiny model must leave room for a budget"
+    budget = (low + min(high, 1.0)) / 2
+    captured = []
+    original = PolicyController.decide
+
+    def spy(self, ctx):
+        actions = original(self, ctx)
+        captured.append(actions.clone())
+        return actions
+
+    PolicyController.decide = spy
+    try:
+        out = model.generate(context, max_new_tokens=STEPS + 1, do_sample=False, compute_budget=budget, controller="policy",
+                             controller_kwargs={"budget_guard": 0.25})
+    finally:
+        PolicyController.decide = original
+    assert out.shape[1] == CONTEXT + STEPS + 1
+    generated_actions = torch.stack(captured, dim=1)
+    assert generated_actions.shape == (2, STEPS)
+    episodes = run_episodes(model, out, CONTEXT, PolicyController(model.policy, budget_guard=0.25),
+                            parse_compute_budget(budget, 2))
+    assert torch.equal(episodes.actions, generated_actions)
+    assert len(set(generated_actions.flatten().tolist())) > 1, "the test policy should not be constant"
+    # the confidence the episode recorded is the base model's view of each processed token
+    assert episodes.observations.lm_confidence.shape == (2, STEPS, 3)
+    assert torch.allclose(episodes.observations.lm_confidence.sum(-1) > 0, torch.ones(2, STEPS, dtype=torch.bool))
+    report = model.last_compute_report
+    assert torch.allclose(report.cost, episodes.step_cost.mean(1).float().cpu(), atol=1e-5)
