@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--context-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--shuffles", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="policy decoding: 0 = greedy (argmax); > 0 samples at this temperature (seeded per batch)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -59,7 +61,9 @@ def main() -> None:
     for start in range(0, windows.shape[0], args.batch_size):
         batch = windows[start : start + args.batch_size]
         targets = parse_compute_budget(args.budget, batch.shape[0])
-        policy = run_episodes(model, batch, args.context_length, PolicyController(model.policy, budget_guard=0.25), targets)
+        controller = PolicyController(model.policy, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
+                                      budget_guard=0.25, seed=start)
+        policy = run_episodes(model, batch, args.context_length, controller, targets)
         nll["policy"].append(-policy.token_log_probs.mean(1))
         cost["policy"].append(policy.step_cost.mean(1))
         # the static schedule at the cost this policy achieved on each window

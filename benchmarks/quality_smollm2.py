@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--context-length", type=int, default=None, help="default: the policy's training context")
     parser.add_argument("--steps", type=int, default=None, help="default: the policy's rollout steps")
     parser.add_argument("--random-seeds", type=int, default=8)
+    parser.add_argument("--policy-temperature", type=float, default=0.0, help="0 = greedy policy; > 0 = sampled (seeded)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--text-root", default=PYTHON_DOCS_ROOT)
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     budgets = args.budgets or default_budgets(model, train_args.get("budget_mode"), context_length)
     windows = eval_windows(tokenizer, texts, context_length, steps, args.windows)
     result = evaluate_perplexity(model, windows, context_length, budgets, random_seeds=args.random_seeds,
-                                 batch_size=args.batch_size, progress=True)
+                                 batch_size=args.batch_size, policy_temperature=args.policy_temperature, progress=True)
     data = result.data
     data["run"] = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),

@@ -13,6 +13,7 @@ Set ``SOL_HF_DEBUG=1`` to get the traceback instead.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -88,6 +89,19 @@ def _check_reachable(model, budgets: Sequence[float | dict], context_length: int
                 f"budget {budget:g} is below the cheapest reachable cost {low:.3f} of this model and action grid at "
                 f"context length {context_length + 1} (reachable: [{low:.3f}, 1]); raise it or use a per-axis budget"
             )
+
+
+def _non_negative_float(name: str):
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number >= 0, got {text!r}") from None
+        if not (value >= 0.0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{name} must be a number >= 0, got {text!r}")
+        return value
+
+    return convert
 
 
 def _positive_int(name: str):
@@ -243,7 +257,7 @@ def cmd_eval(args) -> int:
     result = evaluate_perplexity(
         model, windows, args.context_length, budgets, random_seeds=args.random_seeds, batch_size=args.batch_size,
         per_axis=not args.no_per_axis, budget_guard=None if args.budget_guard < 0 else args.budget_guard,
-        seed=args.seed, progress=not args.no_progress,
+        policy_temperature=args.policy_temperature, seed=args.seed, progress=not args.no_progress,
         metadata={"base": args.base, "policy": args.policy, "sections": sections, "text_root": args.text_root},
     )
     if args.output:
@@ -408,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--random-seeds", type=_positive_int("--random-seeds"), default=8, help="random schedules per budget (default 8)")
     e.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8)
     e.add_argument("--budget-guard", type=float, default=0.25, help="policy budget-guard slack; negative = unguarded")
+    e.add_argument("--policy-temperature", type=_non_negative_float("--policy-temperature"), default=0.0,
+                   help="0 = greedy policy decisions (default); > 0 samples them at this temperature (seeded)")
     e.add_argument("--no-per-axis", action="store_true", help="skip the uniform schedule matched per axis")
     e.add_argument("--seed", type=int, default=0, help="first random-schedule seed and bootstrap seed")
     e.add_argument("--output", default=None, help="write the results JSON here")

@@ -251,3 +251,25 @@ def test_schedule_controller_replays_a_schedule_exactly(pair):
         ScheduleController(model.space, played.actions + model.space.num_actions)
     with pytest.raises(ValueError, match="int64"):
         ScheduleController(model.space, played.actions.float())
+
+
+def test_sampled_policy_evaluation_is_reproducible_and_differs_from_greedy(pair):
+    model, _ = pair
+    saved = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    try:
+        with torch.no_grad():  # a decisive random policy: sampling and argmax then disagree on some steps
+            for p in model.policy.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+        w = windows(4, seed=9)
+        kwargs = dict(random_seeds=1, batch_size=2, resamples=10, per_axis=False)
+        greedy = evaluate_perplexity(model, w, CONTEXT, [0.9], **kwargs)["budgets"][0]["policy"]
+        first = evaluate_perplexity(model, w, CONTEXT, [0.9], policy_temperature=1.3, **kwargs)
+        again = evaluate_perplexity(model, w, CONTEXT, [0.9], policy_temperature=1.3, **kwargs)
+        sampled = first["budgets"][0]["policy"]
+        assert sampled["ppl"] == again["budgets"][0]["policy"]["ppl"]
+        assert (sampled["ppl"], sampled["cost"]) != (greedy["ppl"], greedy["cost"])
+        assert "temperature 1.3" in first["protocol"]["policy"]
+        with pytest.raises(ValueError, match="policy_temperature"):
+            evaluate_perplexity(model, w, CONTEXT, [0.9], policy_temperature=-1.0, **kwargs)
+    finally:
+        model.policy.load_state_dict(saved)

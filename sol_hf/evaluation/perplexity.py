@@ -174,6 +174,7 @@ def evaluate_perplexity(
     batch_size: int = 8,
     per_axis: bool = True,
     budget_guard: float | None = 0.25,
+    policy_temperature: float = 0.0,
     random_spread: float = 0.25,
     resamples: int = 1000,
     level: float = 0.95,
@@ -185,13 +186,16 @@ def evaluate_perplexity(
     and the matched baselines, at each budget.
 
     Args:
-        model: the wrapped model; ``model.policy`` is the policy evaluated (greedy).
+        model: the wrapped model; ``model.policy`` is the policy evaluated.
         windows: (W, context_length + T + 1) token ids.
         budgets: each a unified cost fraction (float) or a per-axis dict, as ``compute_budget``.
         random_seeds: N random schedules per budget (best and mean are reported); >= 1.
         batch_size: windows per batch (the baselines run ``batch_size * (N + 2)`` rows).
         per_axis: also run the uniform controller matched per axis (as the paper).
         budget_guard: the policy's budget-guard slack (``PolicyController``); ``None`` = unguarded.
+        policy_temperature: 0 takes the policy's most likely allowed action (greedy); > 0 samples
+            at this temperature (GRPO optimises the policy's sampling distribution, at the training
+            temperature), seeded from ``seed`` and the batch index so results are reproducible.
         random_spread: the random controller's slack around the per-step requirement.
         resamples, level, seed: bootstrap over windows.
         progress: show a tqdm bar.
@@ -205,6 +209,8 @@ def evaluate_perplexity(
         raise ValueError(f"windows of {windows.shape[1]} tokens leave no controlled step after a {context_length}-token context")
     if random_seeds < 1:
         raise ValueError(f"random_seeds must be >= 1, got {random_seeds}")
+    if not (policy_temperature >= 0.0 and math.isfinite(policy_temperature)):
+        raise ValueError(f"policy_temperature must be 0 (greedy) or a positive number, got {policy_temperature}")
     if not budgets:
         raise ValueError("give at least one budget")
     for budget in budgets:
@@ -237,7 +243,10 @@ def evaluate_perplexity(
             rows = chunk.shape[0]
             for i, budget in enumerate(budgets):
                 targets = parse_compute_budget(budget, rows)
-                policy = PolicyController(model.policy, do_sample=False, budget_guard=budget_guard)
+                policy = PolicyController(
+                    model.policy, do_sample=policy_temperature > 0, temperature=policy_temperature or 1.0,
+                    budget_guard=budget_guard, seed=seed * 1_000_003 + b * 101 + i,
+                )
                 run = run_episodes(model, chunk, context_length, policy, targets, with_dense=(i == 0))
                 policy_means = _window_means(run)
                 collected[i]["policy"].add(run.token_log_probs, policy_means)
@@ -318,8 +327,10 @@ def evaluate_perplexity(
             "controlled_steps": steps,
             "scored_tokens_per_schedule": num_windows * steps,
             "prefill": "dense (the base model's forward), one per run_episodes call",
-            "policy": "greedy (argmax) under its budget guard",
+            "policy": ("greedy (argmax)" if policy_temperature == 0 else f"sampled at temperature {policy_temperature} (seeded)")
+            + " under its budget guard",
             "budget_guard": budget_guard,
+            "policy_temperature": policy_temperature,
             "matching": "per window, on the policy's achieved values on that window: unified cost (uniform, random) "
             "and each axis (uniform_per_axis)",
             "random_seeds": random_seeds,
