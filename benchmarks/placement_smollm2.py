@@ -56,6 +56,7 @@ def main() -> None:
     else:
         windows = eval_windows(tokenizer, read_texts(EVAL_SECTIONS, PYTHON_DOCS_ROOT), args.context_length, args.steps, args.windows)
     generator = torch.Generator().manual_seed(0)
+    schedules = []
     nll = {"policy": [], "uniform": [], **{f"shuffled_{i}": [] for i in range(args.shuffles)}}
     cost = {k: [] for k in nll}
     for start in range(0, windows.shape[0], args.batch_size):
@@ -66,6 +67,7 @@ def main() -> None:
         policy = run_episodes(model, batch, args.context_length, controller, targets)
         nll["policy"].append(-policy.token_log_probs.mean(1))
         cost["policy"].append(policy.step_cost.mean(1))
+        schedules.append(policy.actions)
         # the static schedule at the cost this policy achieved on each window
         matched = parse_compute_budget(policy.step_cost.mean(1).clamp(1e-3, 1.0).cpu(), batch.shape[0])
         uniform = run_episodes(model, batch, args.context_length, UniformController(model.space), matched)
@@ -94,6 +96,9 @@ def main() -> None:
         "ppl": {"policy": ppl(nll["policy"]), "uniform": ppl(nll["uniform"]), "shuffled_average": ppl(shuffled),
                 **{k: ppl(v) for k, v in nll.items() if k.startswith("shuffled_")}},
         "cost": cost,
+        # how many different action sequences the policy used over the windows (1 = the same
+        # schedule everywhere: no per-token judgement at all)
+        "distinct_policy_schedules": len({tuple(row) for row in torch.cat(schedules).tolist()}),
         "shuffled_minus_policy_ppl": diff,
         "uniform_minus_policy_ppl": paired_comparison(nll["policy"], nll["uniform"], boot),
         "wall_s": round(time.time() - started, 1),
