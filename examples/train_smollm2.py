@@ -39,6 +39,8 @@ def main() -> None:
                         help="the policy also reads the base model's confidence in the current token (SolConfig.observe_lm_confidence)")
     parser.add_argument("--reward-gamma", type=float, default=0.85, help="discount of the reward-to-go (authors: 0.85)")
     parser.add_argument("--reward-type", default="loglik", choices=("loglik", "neg_kl"))
+    parser.add_argument("--cost-price", type=float, default=0.0,
+                        help="per-step price on the step's cost fraction (SolGRPOConfig.cost_price; 0 = the authors' reward)")
     parser.add_argument("--context-length", type=int, default=256)
     parser.add_argument("--windows-per-step", type=int, default=4)
     parser.add_argument("--num-generations", type=int, default=8)
@@ -68,6 +70,7 @@ def main() -> None:
         sol_config_overrides={"observe_lm_confidence": opts.lm_confidence},
         reward_gamma=opts.reward_gamma,
         reward_type=opts.reward_type,
+        cost_price=opts.cost_price,
         save_strategy="steps",
         save_steps=opts.save_steps,
         logging_steps=5,

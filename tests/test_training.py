@@ -383,3 +383,21 @@ def test_saved_windows_load_cut_and_evenly_spaced(tmp_path):
     save_file({"other": windows}, path)
     with pytest.raises(ValueError, match="no \\(N, L\\) 'windows'"):
         load_windows(path, 4)
+
+
+def test_priced_rewards_by_hand_and_their_effect_on_advantages():
+    from sol_hf.training import priced_rewards
+
+    rewards = torch.tensor([[-1.0, -2.0], [-1.5, -2.0]])
+    cost = torch.tensor([[1.0, 0.8], [0.76, 0.8]])
+    assert torch.equal(priced_rewards(rewards, cost, 0.0), rewards)
+    assert torch.allclose(priced_rewards(rewards, cost, 2.0), torch.tensor([[-3.0, -3.6], [-3.02, -3.6]]))
+    # step 0: the cheap row lost 0.5 nats and saved 0.24 of a step; it wins once the price exceeds 0.5 / 0.24
+    for price, cheap_wins in ((2.0, False), (2.2, True)):
+        adv = group_advantages(discounted_returns(priced_rewards(rewards, cost, price), 0.0), 2, whiten=False)
+        assert (adv[1, 0] > adv[0, 0]) == cheap_wins, price
+        assert adv[0, 1] == adv[1, 1] == 0.0
+    with pytest.raises(ValueError, match="price"):
+        priced_rewards(rewards, cost, -1.0)
+    with pytest.raises(ValueError, match="cost_price"):
+        SolGRPOConfig(output_dir="/tmp/x", cost_price=float("nan"), per_device_train_batch_size=16)

@@ -1,7 +1,7 @@
 """Training SOL policies with GRPO on teacher-forced counterfactual compute schedules (TRL)."""
 
 from .config import BUDGET_MODES, SolGRPOConfig
-from .rewards import budget_penalty, discounted_returns, episode_means, group_advantages, step_rewards
+from .rewards import budget_penalty, discounted_returns, episode_means, group_advantages, priced_rewards, step_rewards
 from .run import DEFAULT_GRID, split_texts, train_policy, windows_dataset
 from .trainer import SolGRPOTrainer, SolPolicyTrainingModel, sample_budget_targets, sol_episode_reward
 
@@ -17,6 +17,7 @@ __all__ = [
     "sample_budget_targets",
     "sol_episode_reward",
     "step_rewards",
+    "priced_rewards",
     "discounted_returns",
     "episode_means",
     "budget_penalty",

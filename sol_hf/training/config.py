@@ -7,6 +7,7 @@ log-likelihood reward, sum aggregation with gamma 0.85, policy temperature 1.3, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -100,6 +101,11 @@ class SolGRPOConfig(GRPOConfig):
     rollout_steps: int = field(default=16, metadata={"help": "T controlled steps per episode (authors: 16)."})
     reward_type: str = field(default="loglik", metadata={"help": "'loglik' (authors) or 'neg_kl'."})
     reward_gamma: float = field(default=0.85, metadata={"help": "Discount of the reward-to-go (authors: 0.85)."})
+    cost_price: float = field(
+        default=0.0,
+        metadata={"help": "Per-step price on the step's cost fraction: r_t - cost_price * cost_t (a Lagrangian term "
+                  "that makes the cheap action win where it hurts least). 0: the authors' reward."},
+    )
     advantage_level: str = field(default="process", metadata={"help": "'process' (authors) or 'outcome'."})
     advantage_normalization: str = field(default="center", metadata={"help": "'center' (authors) or 'zscore'."})
     whiten_advantages: bool = field(default=True, metadata={"help": "Global z-score of advantages (authors: True)."})
@@ -135,6 +141,8 @@ class SolGRPOConfig(GRPOConfig):
             )
         if self.budget_mode not in BUDGET_MODES:
             raise ValueError(f"budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
+        if not (self.cost_price >= 0.0 and math.isfinite(self.cost_price)):
+            raise ValueError(f"cost_price must be a finite number >= 0, got {self.cost_price}")
         if not 0.0 <= self.reward_gamma <= 1.0:
             raise ValueError(f"reward_gamma must lie in [0, 1], got {self.reward_gamma}")
         if self.context_length < 1 or self.rollout_steps < 1:

@@ -8,6 +8,8 @@ The pipeline, as the authors' ``train.py`` (sol-method.md §3.4-3.6):
 
 1. :func:`step_rewards` -- ``r_t = log p(x_{t+1})`` under the controlled step (``"loglik"``) or
    ``-KL(p_dense || p_controlled)`` (``"neg_kl"``).
+   :func:`priced_rewards` optionally subtracts a per-step price on the step's cost (not in the
+   authors' code: a Lagrangian term that gives each step its own cost signal).
 2. :func:`discounted_returns` -- reward-to-go ``G_t = sum_{k>=t} gamma^(k-t) r_k``.
 3. :func:`budget_penalty` -- per episode, ``sum_d w_d * max(|mean_d - target_d| - tol, 0)^2`` over
    the set budget dimensions; subtracted from every step's return.
@@ -25,6 +27,7 @@ __all__ = [
     "ADVANTAGE_LEVELS",
     "ADVANTAGE_NORMALIZATIONS",
     "step_rewards",
+    "priced_rewards",
     "discounted_returns",
     "episode_means",
     "budget_penalty",
@@ -53,6 +56,21 @@ def step_rewards(
             raise ValueError("reward_type='neg_kl' needs the per-step KL to the dense model (run_episodes(with_dense=True))")
         return -dense_kl.float()
     raise ValueError(f"reward_type must be one of {REWARD_TYPES}, got {reward_type!r}")
+
+
+def priced_rewards(rewards: torch.Tensor, step_cost: torch.Tensor, price: float) -> torch.Tensor:
+    """(R, T) rewards minus ``price`` times each step's achieved cost fraction (R, T).
+
+    With the budget guard every sampled schedule stays near its budget, so the episode-level
+    budget penalty rarely fires and each step's reward only ever favours the costlier action. A
+    price makes a cheaper action win exactly where the reward it loses is below
+    ``price * (cost saved)``: where it hurts least. ``price = 0`` returns the rewards unchanged.
+    """
+    if not (price >= 0.0 and price < float("inf")):
+        raise ValueError(f"price must be a finite number >= 0, got {price}")
+    if price == 0.0:
+        return rewards.float()
+    return rewards.float() - price * step_cost.float()
 
 
 def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:

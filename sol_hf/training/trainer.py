@@ -37,7 +37,7 @@ from ..episodes import run_episodes
 from ..modeling import SolForCausalLM
 from ..policy import PolicyController, PolicyObservation
 from .config import SolGRPOConfig
-from .rewards import budget_penalty, discounted_returns, episode_means, group_advantages, step_rewards
+from .rewards import budget_penalty, discounted_returns, episode_means, group_advantages, priced_rewards, step_rewards
 
 __all__ = ["SolGRPOTrainer", "SolPolicyTrainingModel", "sol_episode_reward", "sample_budget_targets"]
 
@@ -253,7 +253,7 @@ class SolGRPOTrainer(GRPOTrainer):
         """Rewards, returns, penalties and (R, T) advantages of an :class:`EpisodeBatch`."""
         args = self.args
         rewards = step_rewards(batch.token_log_probs, batch.dense_kl, args.reward_type)
-        returns = discounted_returns(rewards, args.reward_gamma)
+        returns = discounted_returns(priced_rewards(rewards, batch.step_cost, args.cost_price), args.reward_gamma)
         achieved = episode_means(batch.step_cost, batch.attention_keep, batch.mlp_keep, batch.bits)
         penalty = budget_penalty(
             achieved, batch.targets.values, batch.targets.is_set, self._penalty_weights, args.budget_tolerance
