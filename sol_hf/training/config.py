@@ -55,6 +55,11 @@ class SolGRPOConfig(GRPOConfig):
         rollout_steps: T, teacher-forced controlled decode steps per episode (authors: 16).
         reward_type: ``"loglik"`` (log p of the true next token under the controlled step, the
             authors' official reward) or ``"neg_kl"`` (``-KL(p_dense || p_controlled)``).
+        cost_price: subtract ``cost_price * cost_t`` (the step's achieved cost fraction) from each
+            step's reward (not in the authors' code; default 0). With ``budget_guard`` on, sampled
+            schedules stay on budget and the penalty rarely fires, so without a price every step's
+            reward favours the costlier action; a price lets the cheap action win where it hurts
+            least. It is in the reward's units per unit of cost (nats for both reward types).
         reward_gamma: discount of the reward-to-go ``G_t`` (authors: 0.85 with "sum"
             aggregation); 0 uses the raw per-step reward.
         advantage_level: ``"process"`` (per step, authors) or ``"outcome"`` (one per episode).
