@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--context-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--shuffles", type=int, default=4)
+    parser.add_argument("--ranked", action="store_true", help="greedy decisions with PolicyController(ranked=True)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="policy decoding: 0 = greedy (argmax); > 0 samples at this temperature (seeded per batch)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -63,7 +64,7 @@ def main() -> None:
         batch = windows[start : start + args.batch_size]
         targets = parse_compute_budget(args.budget, batch.shape[0])
         controller = PolicyController(model.policy, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
-                                      budget_guard=0.25, seed=start)
+                                      budget_guard=0.25, seed=start, ranked=args.ranked)
         policy = run_episodes(model, batch, args.context_length, controller, targets)
         nll["policy"].append(-policy.token_log_probs.mean(1))
         cost["policy"].append(policy.step_cost.mean(1))

@@ -406,13 +406,24 @@ class PolicyController(Controller):
         do_sample: sample actions (at ``temperature``) instead of taking the most likely one.
         budget_guard: if set, only actions within this slack of what the step should spend are
             allowed (keeps the achieved budget on target); ``None`` lets the policy choose freely.
+        ranked: (greedy decisions, unified cost budgets only) when the row must save compute
+            (its most likely allowed action would lift the running mean above the target), take
+            the most likely *cheaper* allowed action at steps where the policy prefers it more,
+            relative to the most likely one, than on average over this row's earlier steps.
+            Greedy alone saves only when the guard forces it, at times set by the budget, not by
+            the token; ranking moves those savings to the tokens the policy finds easiest.
     """
 
     uses_policy = True
 
     def __init__(self, policy: SolPolicy, do_sample: bool = False, temperature: float = 1.0,
-                 budget_guard: float | None = 0.25, seed: int | None = None):
+                 budget_guard: float | None = 0.25, seed: int | None = None, ranked: bool = False):
+        if ranked and do_sample:
+            raise ValueError("ranked decisions are greedy: use ranked=True with do_sample=False")
         super().__init__(policy.space)
+        self.ranked = ranked
+        self.preference_sum: torch.Tensor | None = None  # (B,) running sum of log pi(cheaper) - log pi(best)
+        self.preference_count: torch.Tensor | None = None
         self.policy = policy
         self.do_sample = do_sample
         self.temperature = temperature
@@ -426,6 +437,28 @@ class PolicyController(Controller):
     def reset(self) -> None:
         self.cache = None
         self.generator = None
+        self.preference_sum = None
+        self.preference_count = None
+
+    def _ranked(self, ctx: DecisionContext, masked: torch.Tensor) -> torch.Tensor:
+        """masked: (B, N) log-probs, disallowed = -inf -> (B,) actions (see ``ranked``)."""
+        best = masked.argmax(-1)
+        cost = ctx.cost_table
+        best_cost = cost.gather(-1, best.unsqueeze(-1))
+        cheaper = torch.where(cost < best_cost - 1e-6, masked, -torch.inf)
+        alternative = cheaper.argmax(-1)
+        preference = cheaper.gather(-1, alternative.unsqueeze(-1)).squeeze(-1) - masked.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+        has_alternative = torch.isfinite(preference)
+        if self.preference_sum is None:
+            self.preference_sum = torch.zeros_like(preference)
+            self.preference_count = torch.zeros_like(preference)
+        seen = self.preference_count > 0
+        usual = self.preference_sum / self.preference_count.clamp_min(1.0)
+        must_save = ctx.targets.is_set[:, 0] & (ctx.requirement[:, 0] < best_cost.squeeze(-1) - 1e-6)
+        take = must_save & has_alternative & seen & (preference >= usual)
+        self.preference_sum = self.preference_sum + torch.where(has_alternative, preference, 0.0)
+        self.preference_count = self.preference_count + has_alternative.float()
+        return torch.where(take, alternative, best)
 
     @staticmethod
     def behaviour_log_probs(log_probs: torch.Tensor, allowed: torch.Tensor | None, temperature: float) -> torch.Tensor:
@@ -443,7 +476,7 @@ class PolicyController(Controller):
         if not self.do_sample:
             masked = log_probs if allowed is None else log_probs.masked_fill(~allowed, -torch.inf)
             self.last_log_probs = self.behaviour_log_probs(log_probs, allowed, 1.0)
-            return masked.argmax(-1)
+            return self._ranked(ctx, masked) if self.ranked else masked.argmax(-1)
         log_probs = self.behaviour_log_probs(log_probs, allowed, self.temperature)
         self.last_log_probs = log_probs
         device = log_probs.device

@@ -87,3 +87,29 @@ def test_generate_and_episodes_give_the_policy_the_same_observations(model_type)
     assert torch.allclose(episodes.observations.lm_confidence.sum(-1) > 0, torch.ones(2, STEPS, dtype=torch.bool))
     report = model.last_compute_report
     assert torch.allclose(report.cost, episodes.step_cost.mean(1).float().cpu(), atol=1e-5)
+
+
+def test_ranked_decisions_save_where_the_policy_prefers_the_cheaper_action_most():
+    from sol_hf.budget import BudgetTargets
+    from sol_hf.policy import DecisionContext, SolPolicy
+
+    config = SolConfig(policy_hidden_size=16, policy_heads=2, action_embedding_size=8)
+    controller = PolicyController(SolPolicy(config, 8), ranked=True)
+    n = controller.space.num_actions
+    cost = torch.full((1, n), 1.0)
+    cost[0, :3] = torch.tensor([1.0, 0.9, 0.76])
+    targets = BudgetTargets(torch.tensor([[0.85, 1.0, 1.0, 1.0]]), torch.tensor([[True, False, False, False]]))
+
+    def step(log_probs_of_three, requirement):
+        masked = torch.full((1, n), -torch.inf)
+        masked[0, :3] = torch.tensor(log_probs_of_three).log()
+        ctx = DecisionContext(torch.tensor([[requirement, 1.0, 1.0, 1.0]]), targets, cost, None, 0)
+        return int(controller._ranked(ctx, masked))
+
+    # most likely action 0 (cost 1.0); the most likely cheaper one is action 1
+    assert step([0.7, 0.2, 0.1], 0.85) == 0  # no history yet: greedy
+    assert step([0.6, 0.3, 0.1], 0.85) == 1  # log(0.3/0.6) above the usual log(0.2/0.7): save here
+    assert step([0.8, 0.1, 0.1], 0.85) == 0  # below the usual preference: keep the best
+    assert step([0.5, 0.4, 0.1], 1.05) == 0  # on budget (requirement above the best's cost): no saving
+    with pytest.raises(ValueError, match="ranked"):
+        PolicyController(controller.policy, do_sample=True, ranked=True)
