@@ -28,7 +28,7 @@ from sol_hf.cli import eval_windows, load_model, read_texts
 from sol_hf.data import EVAL_SECTIONS, PYTHON_DOCS_ROOT, load_windows
 from sol_hf.episodes import run_episodes
 from sol_hf.evaluation.stats import bootstrap_indices, paired_comparison, perplexity
-from sol_hf.policy import PolicyController, ScheduleController, UniformController
+from sol_hf.policy import PolicyController, ScheduleController, SurpriseRuleController, UniformController
 
 
 def main() -> None:
@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--context-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--shuffles", type=int, default=4)
+    parser.add_argument("--rule", nargs=2, default=None, metavar=("FULL", "CHEAP"),
+                        help="also run SurpriseRuleController with these two actions, each 'attention,mlp,bits' "
+                             "(e.g. 1.0,0.8,16 1.0,0.4,16), at the same budget")
     parser.add_argument("--ranked", action="store_true", help="greedy decisions with PolicyController(ranked=True)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="policy decoding: 0 = greedy (argmax); > 0 samples at this temperature (seeded per batch)")
@@ -58,7 +61,11 @@ def main() -> None:
         windows = eval_windows(tokenizer, read_texts(EVAL_SECTIONS, PYTHON_DOCS_ROOT), args.context_length, args.steps, args.windows)
     generator = torch.Generator().manual_seed(0)
     schedules = []
-    nll = {"policy": [], "uniform": [], **{f"shuffled_{i}": [] for i in range(args.shuffles)}}
+    rule = None
+    if args.rule:
+        full, cheap = ((float(a), float(m), int(b)) for a, m, b in (r.split(",") for r in args.rule))
+        rule = SurpriseRuleController(model.space, full=full, cheap=cheap)
+    nll = {"policy": [], "uniform": [], **({"surprise_rule": []} if rule else {}), **{f"shuffled_{i}": [] for i in range(args.shuffles)}}
     cost = {k: [] for k in nll}
     for start in range(0, windows.shape[0], args.batch_size):
         batch = windows[start : start + args.batch_size]
@@ -74,6 +81,10 @@ def main() -> None:
         uniform = run_episodes(model, batch, args.context_length, UniformController(model.space), matched)
         nll["uniform"].append(-uniform.token_log_probs.mean(1))
         cost["uniform"].append(uniform.step_cost.mean(1))
+        if rule is not None:
+            ruled = run_episodes(model, batch, args.context_length, rule, targets)
+            nll["surprise_rule"].append(-ruled.token_log_probs.mean(1))
+            cost["surprise_rule"].append(ruled.step_cost.mean(1))
         for i in range(args.shuffles):
             order = torch.argsort(torch.rand(policy.actions.shape, generator=generator), dim=1)
             shuffled = torch.gather(policy.actions, 1, order)
@@ -91,10 +102,12 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, torch threads {args.threads}, GPU: none",
         "command": "python benchmarks/placement_smollm2.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+            f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
+            if v is not None and v is not False),
         "budget": args.budget,
         "windows": int(windows.shape[0]),
         "ppl": {"policy": ppl(nll["policy"]), "uniform": ppl(nll["uniform"]), "shuffled_average": ppl(shuffled),
+                **({"surprise_rule": ppl(nll["surprise_rule"])} if rule else {}),
                 **{k: ppl(v) for k, v in nll.items() if k.startswith("shuffled_")}},
         "cost": cost,
         # how many different action sequences the policy used over the windows (1 = the same
@@ -102,6 +115,8 @@ def main() -> None:
         "distinct_policy_schedules": len({tuple(row) for row in torch.cat(schedules).tolist()}),
         "shuffled_minus_policy_ppl": diff,
         "uniform_minus_policy_ppl": paired_comparison(nll["policy"], nll["uniform"], boot),
+        **({"surprise_rule_minus_policy_ppl": paired_comparison(nll["policy"], nll["surprise_rule"], boot),
+            "shuffled_minus_surprise_rule_ppl": paired_comparison(nll["surprise_rule"], shuffled, boot)} if rule else {}),
         "wall_s": round(time.time() - started, 1),
     }, indent=2))
 

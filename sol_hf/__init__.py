@@ -3,7 +3,7 @@
 from .actions import ActionSpace, CostModel
 from .config import SolConfig
 from .modeling import SolComputeReport, SolForCausalLM
-from .policy import PolicyController, RandomController, ScheduleController, SolPolicy, UniformController
+from .policy import PolicyController, RandomController, ScheduleController, SolPolicy, SurpriseRuleController, UniformController
 
 __version__ = "0.1.0"
 
@@ -18,5 +18,6 @@ __all__ = [
     "UniformController",
     "RandomController",
     "ScheduleController",
+    "SurpriseRuleController",
     "__version__",
 ]

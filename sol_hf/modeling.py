@@ -747,21 +747,24 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         with_policy = session.controller.uses_policy
         cost_table = self.cost_model.cost_table(lengths, with_policy)
         observation = None
+        policy_confidence = with_policy and self.sol_config.observe_lm_confidence
+        confidence = None
+        if policy_confidence or session.controller.needs_lm_confidence:
+            confidence = lm_confidence_features(session.last_logits, input_ids[:, -1])
         if with_policy:
             previous = session.previous_action
             if previous is None:
                 previous = torch.full_like(input_ids[:, 0], self.space.num_actions)
-            confidence = None
-            if self.sol_config.observe_lm_confidence:
-                confidence = lm_confidence_features(session.last_logits, input_ids[:, -1])
             observation = PolicyObservation(
                 hidden=self._runtime.last_hidden[:, -1],
                 token_embedding=self.get_input_embeddings()(input_ids[:, -1]),
                 features=session.tracker.features(),
                 previous_action=previous,
-                lm_confidence=confidence,
+                lm_confidence=confidence if policy_confidence else None,
             )
-        ctx = DecisionContext(session.tracker.requirement(), session.tracker.targets, cost_table, observation, session.tracker.steps)
+        ctx = DecisionContext(
+            session.tracker.requirement(), session.tracker.targets, cost_table, observation, session.tracker.steps, confidence
+        )
         actions = session.controller.decide(ctx)
         actions = torch.where(session.dense_rows, self.space.dense_index, actions)
         session.previous_action = actions

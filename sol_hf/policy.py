@@ -27,6 +27,7 @@ __all__ = [
     "UniformController",
     "RandomController",
     "ScheduleController",
+    "SurpriseRuleController",
     "budget_guard_mask",
     "lm_confidence_features",
     "NUM_LM_CONFIDENCE_FEATURES",
@@ -246,6 +247,8 @@ class DecisionContext:
         cost_table: (B, N) predicted cost fraction of every action for each row at this step.
         observation: the policy's observation (only read by :class:`PolicyController`).
         step: index of this controlled step.
+        lm_confidence: (B, 3) :func:`lm_confidence_features` of the token being processed, for
+            controllers with ``needs_lm_confidence`` (and policies that observe it); else None.
     """
 
     requirement: torch.Tensor
@@ -253,6 +256,7 @@ class DecisionContext:
     cost_table: torch.Tensor
     observation: PolicyObservation | None
     step: int
+    lm_confidence: torch.Tensor | None = None
 
 
 def _axis_value_table(space: ActionSpace, device) -> torch.Tensor:
@@ -285,6 +289,7 @@ class Controller:
     """Picks one action per row per decode step. Subclasses implement :meth:`decide`."""
 
     uses_policy = False
+    needs_lm_confidence = False  # True: the runner fills DecisionContext.lm_confidence
 
     def __init__(self, space: ActionSpace):
         self.space = space
@@ -396,6 +401,60 @@ class ScheduleController(Controller):
                 f"schedule of shape {tuple(self.schedule.shape)} does not cover {rows} rows at step {ctx.step}"
             )
         return self.schedule[:, ctx.step].to(ctx.cost_table.device)
+
+
+class SurpriseRuleController(Controller):
+    """A non-learned per-token rule: save compute after tokens the base model saw coming.
+
+    Two actions, ``full`` and ``cheap``. A row takes ``cheap`` when it must save (taking ``full``
+    would lift its running mean cost above the target) and the token being processed surprised
+    the base model no more than the row's earlier tokens did on average (``-log p`` of the token
+    under the previous step's distribution), or when only ``cheap`` still fits the target.
+    Otherwise ``full``. Unified cost budgets only. A baseline for learned policies: it places
+    savings by one observable number, online, step by step.
+
+    Args:
+        space: the model's action space.
+        full, cheap: (attention keep, MLP keep, bits) of the two actions; ``cheap`` must be the
+            cheaper one.
+    """
+
+    needs_lm_confidence = True
+
+    def __init__(self, space: ActionSpace, full: tuple[float, float, int] = (1.0, 1.0, 16),
+                 cheap: tuple[float, float, int] = (1.0, 0.4, 16)):
+        super().__init__(space)
+        self.full = space.index_of(*full)
+        self.cheap = space.index_of(*cheap)
+        if self.full == self.cheap:
+            raise ValueError(f"full and cheap must be different actions, got {full} twice")
+        self.surprise_sum: torch.Tensor | None = None
+        self.steps_seen = 0
+
+    def reset(self) -> None:
+        self.surprise_sum = None
+        self.steps_seen = 0
+
+    def decide(self, ctx: DecisionContext) -> torch.Tensor:
+        if ctx.lm_confidence is None:
+            raise ValueError("SurpriseRuleController needs DecisionContext.lm_confidence (run it through "
+                             "SolForCausalLM.generate or sol_hf.episodes.run_episodes)")
+        if ctx.step == 0 and not bool(ctx.targets.is_set[:, 0].all()):  # once per run
+            raise ValueError("SurpriseRuleController follows a unified compute_budget (a float or per-row tensor)")
+        surprise = -ctx.lm_confidence[:, 1].clamp_min(1e-12).log()  # (B,) nats
+        full_cost = ctx.cost_table[:, self.full]
+        cheap_cost = ctx.cost_table[:, self.cheap]
+        if self.surprise_sum is None:
+            self.surprise_sum = torch.zeros_like(surprise)
+        usual = self.surprise_sum / max(self.steps_seen, 1)
+        requirement = ctx.requirement[:, 0]
+        must_save = requirement < full_cost - 1e-6
+        easy = (surprise <= usual) & (self.steps_seen > 0)
+        forced = requirement <= cheap_cost + 1e-6
+        take_cheap = must_save & (easy | forced)
+        self.surprise_sum = self.surprise_sum + surprise
+        self.steps_seen += 1
+        return torch.where(take_cheap, self.cheap, self.full)
 
 
 class PolicyController(Controller):

@@ -113,3 +113,54 @@ def test_ranked_decisions_save_where_the_policy_prefers_the_cheaper_action_most(
     assert step([0.5, 0.4, 0.1], 1.05) == 0  # on budget (requirement above the best's cost): no saving
     with pytest.raises(ValueError, match="ranked"):
         PolicyController(controller.policy, do_sample=True, ranked=True)
+
+
+def test_surprise_rule_saves_after_unsurprising_tokens_and_matches_in_generate():
+    from sol_hf import SurpriseRuleController
+
+    model = _confident_policy_model("llama")
+    low, high = model.budget_range(CONTEXT + 1, "uniform")
+    budget = (low + min(high, 1.0)) / 2
+    rule = SurpriseRuleController(model.space, full=(1.0, 1.0, 16), cheap=(1.0, 0.4, 16))
+    context = torch.randint(3, 90, (3, CONTEXT), generator=torch.Generator().manual_seed(4))
+    out = model.generate(context, max_new_tokens=STEPS + 1, do_sample=False, compute_budget=budget, controller=rule)
+    generated_cost = model.last_compute_report.cost
+    episodes = run_episodes(model, out, CONTEXT, rule, parse_compute_budget(budget, 3))
+    assert torch.allclose(episodes.step_cost.mean(1).float().cpu(), generated_cost, atol=1e-5)  # same decisions
+    assert set(episodes.actions.unique().tolist()) <= {rule.full, rule.cheap}
+    # by hand: replay the rule's arithmetic from the surprises it was shown and the costs it achieved
+    seen = []
+    original = SurpriseRuleController.decide
+
+    def spy(self, ctx):
+        seen.append(ctx.lm_confidence.clone())
+        return original(self, ctx)
+
+    SurpriseRuleController.decide = spy
+    try:
+        again = run_episodes(model, out, CONTEXT, rule, parse_compute_budget(budget, 3))
+    finally:
+        SurpriseRuleController.decide = original
+    assert torch.equal(again.actions, episodes.actions)
+    surprise = -torch.stack(seen, 1)[..., 1].double().log()  # (3, STEPS)
+    with torch.no_grad():  # step 0 reads the dense prefill's prediction of the first controlled token
+        prefill = torch.log_softmax(model.base_model(out[:, :CONTEXT]).logits[:, -1].double(), -1)
+    assert torch.allclose(surprise[:, 0], -prefill.gather(-1, out[:, CONTEXT:CONTEXT + 1]).squeeze(-1), atol=1e-4)
+    full_cost = model.cost_model.cost_table(torch.arange(CONTEXT + 1, CONTEXT + 1 + STEPS), False)[:, rule.full]
+    cheap_cost = model.cost_model.cost_table(torch.arange(CONTEXT + 1, CONTEXT + 1 + STEPS), False)[:, rule.cheap]
+    decided_cheap = 0
+    for row in range(3):
+        spent = 0.0
+        for t in range(STEPS):
+            requirement = budget * (t + 1) - spent
+            easy = t > 0 and float(surprise[row, t]) <= float(surprise[row, :t].mean())
+            expect_cheap = requirement < float(full_cost[t]) and (easy or requirement <= float(cheap_cost[t]))
+            assert (int(episodes.actions[row, t]) == rule.cheap) == expect_cheap, (row, t)
+            decided_cheap += expect_cheap
+            spent += float(episodes.step_cost[row, t])
+    assert 0 < decided_cheap < 3 * STEPS
+    assert abs(float(generated_cost.mean()) - budget) < 0.05
+    with pytest.raises(ValueError, match="unified compute_budget"):
+        model.generate(context, max_new_tokens=3, compute_budget={"mlp": 0.6}, controller=rule)
+    with pytest.raises(ValueError, match="different actions"):
+        SurpriseRuleController(model.space, full=(1.0, 0.4, 16), cheap=(1.0, 0.4, 16))
