@@ -107,8 +107,6 @@ def run_episodes(
     tracker = BudgetTracker(targets, steps)
     controller.reset()
     is_policy = controller.uses_policy
-    policy_confidence = is_policy and model.sol_config.observe_lm_confidence
-    observe_confidence = policy_confidence or controller.needs_lm_confidence
     n_actions = model.space.num_actions
     previous = torch.full((rows,), n_actions, dtype=torch.long, device=device)
     record: dict[str, list[torch.Tensor]] = {
@@ -120,11 +118,9 @@ def run_episodes(
         tokens = windows[:, position]
         lengths = torch.full((rows,), position + 1, device=device)
         observation = None
-        confidence = lm_confidence_features(previous_logits, tokens) if observe_confidence else None
+        confidence = lm_confidence_features(previous_logits, tokens) if controller.needs_lm_confidence else None
         if is_policy:
-            observation = PolicyObservation(
-                hidden, embed(tokens), tracker.features(), previous, confidence if policy_confidence else None
-            )
+            observation = PolicyObservation(hidden, embed(tokens), tracker.features(), previous, confidence)
         ctx = DecisionContext(
             tracker.requirement(), targets, model.cost_model.cost_table(lengths, is_policy), observation, t, confidence
         )

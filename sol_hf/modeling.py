@@ -747,9 +747,8 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         with_policy = session.controller.uses_policy
         cost_table = self.cost_model.cost_table(lengths, with_policy)
         observation = None
-        policy_confidence = with_policy and self.sol_config.observe_lm_confidence
         confidence = None
-        if policy_confidence or session.controller.needs_lm_confidence:
+        if session.controller.needs_lm_confidence:
             confidence = lm_confidence_features(session.last_logits, input_ids[:, -1])
         if with_policy:
             previous = session.previous_action
@@ -760,7 +759,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
                 token_embedding=self.get_input_embeddings()(input_ids[:, -1]),
                 features=session.tracker.features(),
                 previous_action=previous,
-                lm_confidence=confidence if policy_confidence else None,
+                lm_confidence=confidence,
             )
         ctx = DecisionContext(
             session.tracker.requirement(), session.tracker.targets, cost_table, observation, session.tracker.steps, confidence

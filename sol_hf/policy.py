@@ -248,7 +248,7 @@ class DecisionContext:
         observation: the policy's observation (only read by :class:`PolicyController`).
         step: index of this controlled step.
         lm_confidence: (B, 3) :func:`lm_confidence_features` of the token being processed, for
-            controllers with ``needs_lm_confidence`` (and policies that observe it); else None.
+            controllers with ``needs_lm_confidence``; else None.
     """
 
     requirement: torch.Tensor
@@ -492,6 +492,10 @@ class PolicyController(Controller):
         self.generator: torch.Generator | None = None
         self.last_log_probs: torch.Tensor | None = None
         self.last_allowed: torch.Tensor | None = None
+
+    @property
+    def needs_lm_confidence(self) -> bool:  # the policy's observation includes it
+        return self.policy.config.observe_lm_confidence
 
     def reset(self) -> None:
         self.cache = None
