@@ -91,30 +91,27 @@ def _check_reachable(model, budgets: Sequence[float | dict], context_length: int
             )
 
 
-def _non_negative_float(name: str):
-    def convert(text: str) -> float:
+def _number_arg(name: str, parse, accept, expected: str):
+    """argparse type: ``parse`` the text, then require ``accept(value)``; else "<name> must be <expected>"."""
+
+    def convert(text: str):
         try:
-            value = float(text)
+            value = parse(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number >= 0, got {text!r}") from None
-        if not (value >= 0.0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"{name} must be a number >= 0, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{name} must be {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{name} must be {expected}, got {text!r}")
         return value
 
     return convert
+
+
+def _non_negative_float(name: str):
+    return _number_arg(name, float, lambda v: v >= 0.0 and math.isfinite(v), "a number >= 0")
 
 
 def _positive_int(name: str):
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}")
-        return value
-
-    return convert
+    return _number_arg(name, int, lambda v: v >= 1, "a positive integer")
 
 
 def _budget_arg(text: str):
