@@ -38,7 +38,7 @@ from sol_hf.cli import load_model
 from sol_hf.data import load_windows
 from sol_hf.episodes import run_episodes
 from sol_hf.evaluation.stats import bootstrap_indices, paired_comparison, perplexity
-from sol_hf.policy import ScheduleController
+from sol_hf.policy import ScheduleController, lm_confidence_features
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,15 +51,15 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def dense_position_stats(model, windows: torch.Tensor, context_length: int, steps: int):
-    """Dense teacher-forced forward -> (entropy, surprise), each (B, T): the next-token
-    distribution at position ``context_length + t - 1``, i.e. the one that predicted the input
-    token of controlled step t (observable when step t's action is chosen)."""
-    logits = model.base_model(windows).logits.float()
+    """Dense teacher-forced forward -> (entropy / log V, surprise in nats), each (B, T), of the
+    next-token distribution at position ``context_length + t - 1``, i.e. the one that predicted
+    the input token of controlled step t: what :func:`lm_confidence_features` gives a policy or
+    :class:`SurpriseRuleController` when step t's action is chosen (here on the dense prefix)."""
     positions = torch.arange(context_length - 1, context_length - 1 + steps)
-    logp = torch.log_softmax(logits[:, positions], dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    surprise = -logp.gather(-1, windows[:, positions + 1].unsqueeze(-1)).squeeze(-1)
-    return entropy, surprise
+    logits = model.base_model(windows).logits[:, positions]  # (B, T, V)
+    b, t, v = logits.shape
+    confidence = lm_confidence_features(logits.reshape(b * t, v), windows[:, positions + 1].reshape(-1)).view(b, t, 3)
+    return confidence[..., 0], -confidence[..., 1].log()
 
 
 def place(scores: torch.Tensor, n: int, probe: int, dense: int) -> torch.Tensor:
