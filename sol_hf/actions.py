@@ -18,7 +18,8 @@ import torch
 
 from .config import SolConfig
 
-__all__ = ["ActionSpace", "StepBytes", "CostModel"]
+__all__ = ["ActionSpace", "StepBytes", "CostModel", "kept_count", "pages_wanted", "forced_page_count", "attention_runs_sparse",
+           "effective_attention_keep"]
 
 
 class ActionSpace:
@@ -81,6 +82,12 @@ class ActionSpace:
         return {name: table[actions] for name, table in tables.items()}
 
 
+def kept_count(keep: float, width: int) -> int:
+    """Channels kept at keep fraction ``keep`` of ``width`` channels: ``ceil(keep * width)``,
+    computed so that float noise (``0.7 * 10 = 7.000000000000001``) does not add a channel."""
+    return max(0, min(width, math.ceil(keep * width - 1e-9)))
+
+
 @dataclass(frozen=True)
 class StepBytes:
     """Bytes one decode step of one row reads, split by what scales with which action.
@@ -88,59 +95,168 @@ class StepBytes:
     Attributes:
         fixed: read whatever the action (attention projections, norms, LM head, embedding row,
             the MLP output projection unless ``prune_intermediate``).
-        mlp_input: weights of the MLP input projections (scale with the MLP keep fraction).
-        mlp_output: weights of the MLP output projection (scale with the keep fraction only if
-            ``prune_intermediate``).
+        mlp_input: weights (and biases) of the MLP input projections of all layers.
+        mlp_output: weights (and biases) of the MLP output projections of all layers.
+        mlp_input_widths, mlp_output_widths: per layer, input channels of those projections.
+        mlp_input_row_bytes, mlp_output_row_bytes: per layer, bytes of one input channel's
+            weights (one row of the transposed weight, all fused projections together).
+        prune_intermediate: the output projection's input is pruned too.
         kv_per_token: per layer, bytes of one token's K and V.
         window: per layer, the sliding window (``0`` for full attention).
-        activation_per_bit: bytes of the MLP outputs of all layers per bit of precision
-            (``hidden_size * n_layers / 8``).
         policy: the policy's parameter bytes (read once per step when a policy decides).
     """
 
     fixed: float
     mlp_input: float
     mlp_output: float
+    mlp_input_widths: tuple[int, ...]
+    mlp_input_row_bytes: tuple[float, ...]
+    mlp_output_widths: tuple[int, ...]
+    mlp_output_row_bytes: tuple[float, ...]
     prune_intermediate: bool
     kv_per_token: tuple[float, ...]
     window: tuple[int, ...]
-    activation_per_bit: float
     policy: float = 0.0
+
+    def executed_mlp_bytes(self, keep: float, widths: tuple[int, ...], row_bytes: tuple[float, ...], full: float) -> float:
+        """Bytes the executed MLP path reads for one row at ``keep`` (host-side, once per level):
+        the kept rows of each layer's transposed weight, or the whole projection (biases
+        included) where every channel is kept."""
+        total = full
+        for width, row in zip(widths, row_bytes):
+            count = kept_count(keep, width)
+            if count < width:
+                total -= (width - count) * row
+        return total
+
+
+def pages_wanted(keep: torch.Tensor, length: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Pages a keep fraction asks for: ``ceil(ceil(keep * length) / page_size)`` in float64, with
+    the same guard against float noise as :func:`kept_count` (shared by the cost model and the
+    executing attention, so prediction and execution agree)."""
+    tokens = torch.ceil(keep.to(torch.float64) * length.to(torch.float64) - 1e-9)
+    return torch.ceil(tokens / page_size)
+
+
+def forced_page_count(length: torch.Tensor, page_size: int, sink_tokens: int, recent_tokens: int) -> torch.Tensor:
+    """Pages holding a sink token (the first ``sink_tokens``) or a recent token (the last
+    ``recent_tokens``, the current one included) of ``length`` (...) valid tokens counted from
+    the row's first token; float64, as the page selection forces them."""
+    length = length.to(torch.float64)
+    last = torch.floor((length - 1).clamp(min=0) / page_size)
+    recent_first = torch.floor((length - recent_tokens).clamp(min=0) / page_size)
+    sink_pages = torch.ceil(torch.minimum(length, torch.full_like(length, float(sink_tokens))) / page_size)
+    overlap = (sink_pages - recent_first).clamp(min=0)
+    recent = torch.where(length > 0, last - recent_first + 1, torch.zeros_like(length))
+    return recent + sink_pages - overlap
+
+
+def attention_runs_sparse(tokens_read, metadata_tokens, effective_length, overhead_tokens):
+    """The executed attention path, decided by cost: page-sparse attention runs where the KV
+    slots it reads, its page metadata and the backend's fixed overhead of the extra ops (all in
+    units of one token's K+V bytes) come to fewer bytes than reading every slot. Any
+    broadcastable tensors (or floats); returns bool."""
+    return tokens_read + metadata_tokens + overhead_tokens < effective_length
+
+
+def effective_attention_keep(keep: torch.Tensor, length: torch.Tensor, page_size: int, sink_tokens: int,
+                             recent_tokens: int, quest: bool, overhead_tokens) -> torch.Tensor:
+    """The keep fraction attention executes for rows decoded alone: ``keep`` where page-sparse
+    attention reads fewer bytes than dense at ``length`` valid tokens (see
+    :func:`attention_runs_sparse`), else 1.0 (dense: every page, no metadata). Broadcasts
+    ``keep`` against ``length``; float64."""
+    keep = keep.to(torch.float64)
+    length = length.to(torch.float64)
+    valid_pages = torch.ceil(length / page_size)
+    forced = forced_page_count(length, page_size, sink_tokens, recent_tokens)
+    pages = torch.minimum(torch.maximum(pages_wanted(keep, length, page_size), forced), valid_pages)
+    tokens = torch.minimum(pages * page_size, length)
+    meta = valid_pages if quest else torch.zeros_like(valid_pages)
+    sparse = (keep < 1.0) & attention_runs_sparse(tokens, meta, length, overhead_tokens)
+    return torch.where(sparse, keep, torch.ones_like(keep))
 
 
 class CostModel:
-    """Predicts and measures the cost fraction of actions at given context lengths."""
+    """Predicts the cost fraction of actions at given context lengths, as the executing
+    backend reads them (``cost_table``) and as an ideal kernel would (``nominal_cost_table``).
 
-    def __init__(self, space: ActionSpace, step_bytes: StepBytes, config: SolConfig):
+    ``attention_overhead_bytes`` is the executing backend's fixed cost of the page-sparse
+    attention path per layer call (its extra ops), in bytes: where the pages skipped would save
+    less than that, attention runs dense and the attention action is credited nothing.
+    """
+
+    def __init__(self, space: ActionSpace, step_bytes: StepBytes, config: SolConfig,
+                 attention_overhead_bytes: dict[str, float] | None = None):
         self.space = space
         self.bytes = step_bytes
         self.page_size = config.page_size
         self.quest = config.selection == "quest"
-        self.forced_pages = -(-config.sink_tokens // config.page_size) + -(-config.recent_tokens // config.page_size)
-        self._layer_tensors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sink_tokens, self.recent_tokens = config.sink_tokens, config.recent_tokens
+        # Shared, not copied: the model's runtime reads the same dict, so one edit moves both.
+        self.attention_overhead_bytes = attention_overhead_bytes if attention_overhead_bytes is not None else {}
+        self._sparse_from: dict[tuple[str, float], float] = {}
+        b = step_bytes
+        mlp_in = [b.executed_mlp_bytes(k, b.mlp_input_widths, b.mlp_input_row_bytes, b.mlp_input) for k in space.mlp_keep]
+        mlp_out = [
+            b.executed_mlp_bytes(k, b.mlp_output_widths, b.mlp_output_row_bytes, b.mlp_output) if b.prune_intermediate
+            else b.mlp_output for k in space.mlp_keep
+        ]
+        self._mlp_executed_levels = tuple(i + o for i, o in zip(mlp_in, mlp_out))
+        self._mlp_nominal_levels = tuple(
+            k * b.mlp_input + (k if b.prune_intermediate else 1.0) * b.mlp_output for k in space.mlp_keep
+        )
+        self._device_tables: dict[torch.device, dict[str, torch.Tensor]] = {}
 
-    def _layers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._layer_tensors:
-            kv = torch.tensor(self.bytes.kv_per_token, dtype=torch.float64, device=device)
-            window = torch.tensor(self.bytes.window, dtype=torch.float64, device=device)
-            self._layer_tensors[device] = (kv, window)
-        return self._layer_tensors[device]
+    def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Constant tables on ``device``, built once (no host-to-device copy per step)."""
+        device = torch.device(device)
+        if device not in self._device_tables:
+            f64 = dict(dtype=torch.float64, device=device)
+            self._device_tables[device] = {
+                "kv": torch.tensor(self.bytes.kv_per_token, **f64),
+                "window": torch.tensor(self.bytes.window, **f64),
+                "mlp_executed": torch.tensor(self._mlp_executed_levels, **f64),
+                "mlp_nominal": torch.tensor(self._mlp_nominal_levels, **f64),
+            }
+        return self._device_tables[device]
+
+    def overhead_tokens(self, device: torch.device) -> torch.Tensor:
+        """(L,) the backend's sparse-attention overhead per layer in units of one token's K+V."""
+        kv = self._tables(device)["kv"]
+        return self.attention_overhead_bytes.get(torch.device(device).type, 0.0) / kv
+
+    def sparse_attention_from(self, device_type: str, search_limit: int = 1 << 20) -> float:
+        """Host-side: the shortest valid length at which the grid's smallest attention keep level
+        runs page-sparse on ``device_type`` (``inf`` if none up to ``search_limit``). Below it no
+        row of any layer runs sparse, so a step can pick the dense path from the cache's shape
+        alone (no host sync). Computed once per device type and overhead."""
+        key = (device_type, self.attention_overhead_bytes.get(device_type, 0.0))
+        if key not in self._sparse_from:
+            lengths = torch.arange(1, search_limit + 1, dtype=torch.float64)
+            keep = torch.tensor(min(self.space.attention_keep), dtype=torch.float64)
+            overhead = key[1] / max(self.bytes.kv_per_token)  # the largest layer pays off first
+            executed = effective_attention_keep(
+                keep, lengths, self.page_size, self.sink_tokens, self.recent_tokens, self.quest, overhead
+            )
+            sparse = torch.nonzero(executed < 1.0)
+            self._sparse_from[key] = float(lengths[sparse[0, 0]]) if len(sparse) else float("inf")
+        return self._sparse_from[key]
 
     def effective_lengths(self, context_length: torch.Tensor) -> torch.Tensor:
         """(...,) valid tokens incl. the current one -> (..., L) tokens each layer can attend to."""
-        kv, window = self._layers(context_length.device)
+        window = self._tables(context_length.device)["window"]
         length = context_length.to(torch.float64).unsqueeze(-1)
         return torch.where(window > 0, torch.minimum(length, window), length)
 
     def dense_kv_bytes(self, context_length: torch.Tensor) -> torch.Tensor:
         """(...,) -> (...,) float64 K/V bytes a dense step reads over all layers."""
-        kv, _ = self._layers(context_length.device)
+        kv = self._tables(context_length.device)["kv"]
         return (self.effective_lengths(context_length) * kv).sum(-1)
 
     def dense_bytes(self, context_length: torch.Tensor) -> torch.Tensor:
         """(...,) -> (...,) float64 bytes of a dense step (no policy)."""
         b = self.bytes
-        return b.fixed + b.mlp_input + b.mlp_output + self.dense_kv_bytes(context_length) + 16 * b.activation_per_bit
+        return b.fixed + b.mlp_input + b.mlp_output + self.dense_kv_bytes(context_length)
 
     def pages_read(self, attention_keep: torch.Tensor, effective_length: torch.Tensor) -> torch.Tensor:
         """Predicted pages read per layer, as the page selection computes them.
@@ -151,48 +267,56 @@ class CostModel:
         """
         page = self.page_size
         valid_pages = torch.ceil(effective_length / page)
-        wanted = torch.ceil(torch.ceil(attention_keep * effective_length) / page)
-        forced = torch.clamp(valid_pages, max=float(self.forced_pages))
+        wanted = pages_wanted(attention_keep, effective_length, page)
+        forced = forced_page_count(effective_length, page, self.sink_tokens, self.recent_tokens)
         return torch.minimum(torch.maximum(wanted, forced), valid_pages)
 
-    def step_bytes(
-        self,
-        attention_keep: torch.Tensor,
-        mlp_keep: torch.Tensor,
-        bits: torch.Tensor,
-        kv_bytes: torch.Tensor,
-        with_policy: bool,
-    ) -> torch.Tensor:
-        """Bytes of a step given per-axis values and the KV + metadata bytes attention read."""
-        b = self.bytes
-        mlp = mlp_keep.to(torch.float64)
-        weights = b.fixed + mlp * b.mlp_input + (mlp if b.prune_intermediate else 1.0) * b.mlp_output
-        total = weights + kv_bytes + bits.to(torch.float64) * b.activation_per_bit
-        return total + (b.policy if with_policy else 0.0)
-
-    def predicted_kv_bytes(self, attention_keep: torch.Tensor, context_length: torch.Tensor) -> torch.Tensor:
-        """KV + page-metadata bytes attention is predicted to read. Broadcasts
-        ``attention_keep`` (...) against ``context_length`` (...)."""
-        kv, _ = self._layers(context_length.device)
+    def _kv_bytes(self, attention_keep: torch.Tensor, context_length: torch.Tensor, executed: bool) -> torch.Tensor:
+        """KV + page-metadata bytes of ``attention_keep`` (...) at ``context_length`` (...)
+        (broadcast), as executed on the tensors' device or as an ideal kernel reads them."""
+        kv = self._tables(context_length.device)["kv"]
         eff = self.effective_lengths(context_length)  # (..., L)
         keep = attention_keep.to(torch.float64).unsqueeze(-1)
-        pages = self.pages_read(keep, eff)
-        tokens = torch.minimum(pages * self.page_size, eff)
-        total = (tokens * kv).sum(-1)
-        if self.quest:
-            meta = (torch.ceil(eff / self.page_size) * kv).sum(-1)  # page min + max = one K and one V row per page
-            total = total + torch.where(attention_keep.to(torch.float64) < 1.0, meta, torch.zeros_like(meta))
-        return total
+        if executed:
+            keep = effective_attention_keep(
+                keep, eff, self.page_size, self.sink_tokens, self.recent_tokens, self.quest,
+                self.overhead_tokens(context_length.device),
+            )
+            # Sliding-window layers read their (bounded) window dense: see sol_hf.runtime.attention.
+            keep = torch.where(self._tables(context_length.device)["window"] > 0, 1.0, keep)
+        tokens = torch.minimum(self.pages_read(keep, eff) * self.page_size, eff)
+        meta = torch.ceil(eff / self.page_size) if self.quest else torch.zeros_like(eff)  # bounds: one K+V row per page
+        read = torch.where(keep < 1.0, tokens + meta, eff)
+        return (read * kv).sum(-1)
 
-    def cost_table(self, context_length: torch.Tensor, with_policy: bool) -> torch.Tensor:
-        """(B,) valid lengths -> (B, N) predicted cost fraction of every action."""
+    def predicted_kv_bytes(self, attention_keep: torch.Tensor, context_length: torch.Tensor) -> torch.Tensor:
+        """KV + page-metadata bytes the executing attention reads (see :func:`attention_runs_sparse`)."""
+        return self._kv_bytes(attention_keep, context_length, executed=True)
+
+    def _table(self, context_length: torch.Tensor, with_policy: bool, executed: bool) -> torch.Tensor:
         t = self.space.tables(context_length.device)
         length = context_length.unsqueeze(-1)  # (B, 1)
-        kv_bytes = self.predicted_kv_bytes(t["attention_keep"].unsqueeze(0), length.expand(-1, self.space.num_actions))
-        total = self.step_bytes(t["attention_keep"], t["mlp_keep"], t["bits"], kv_bytes, with_policy)
+        kv_bytes = self._kv_bytes(t["attention_keep"].unsqueeze(0), length.expand(-1, self.space.num_actions), executed)
+        mlp = self._tables(context_length.device)["mlp_executed" if executed else "mlp_nominal"][t["mlp_index"]]
+        total = self.bytes.fixed + mlp + kv_bytes + (self.bytes.policy if with_policy else 0.0)
         return (total / self.dense_bytes(length)).to(torch.float32)
 
-    def cheapest_cost(self, context_length: int, with_policy: bool = False) -> float:
-        """Host-side: the lowest reachable cost fraction at ``context_length`` tokens."""
-        table = self.cost_table(torch.tensor([context_length]), with_policy)
+    def cost_table(self, context_length: torch.Tensor, with_policy: bool) -> torch.Tensor:
+        """(B,) valid lengths -> (B, N) cost fraction of every action as the executing backend
+        (the tensors' device) reads it for one row decoded alone: bytes read / dense bytes."""
+        return self._table(context_length, with_policy, executed=True)
+
+    def nominal_cost_table(self, context_length: torch.Tensor, with_policy: bool) -> torch.Tensor:
+        """(B,) -> (B, N) the nominal cost fraction: what an ideal kernel would read (keep
+        fraction x weight bytes, the pages selected plus their metadata), whatever executes."""
+        return self._table(context_length, with_policy, executed=False)
+
+    def executed_weight_bytes(self, mlp_index: torch.Tensor) -> torch.Tensor:
+        """(...,) MLP keep-level indices -> (...,) float64 weight bytes of one row's step decoded
+        alone (fixed + executed MLP), without KV and policy."""
+        return self.bytes.fixed + self._tables(mlp_index.device)["mlp_executed"][mlp_index]
+
+    def cheapest_cost(self, context_length: int, with_policy: bool = False, device: torch.device | str = "cpu") -> float:
+        """Host-side: the lowest reachable cost fraction at ``context_length`` tokens on ``device``'s backend."""
+        table = self.cost_table(torch.tensor([context_length], device=device), with_policy)
         return float(table.min())

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import BudgetTargets, BudgetTracker
+from .budget import BudgetTargets
 from .cache import page_bounds_cache
-from .modeling import SolForCausalLM
-from .policy import Controller, DecisionContext, PolicyController, PolicyObservation, lm_confidence_features
+from .modeling import SolForCausalLM, _cache_of
+from .policy import Controller, PolicyController, PolicyObservation
+from .runtime.step import ControlledStep
 
 __all__ = ["EpisodeBatch", "run_episodes"]
 
@@ -103,59 +104,47 @@ def run_episodes(
         windows = windows.repeat_interleave(repeats, 0)
         targets = targets.repeat_interleave(repeats)
     targets = BudgetTargets(targets.values.to(device), targets.is_set.to(device))
-    rows = windows.shape[0]
-    tracker = BudgetTracker(targets, steps)
-    controller.reset()
+    # Each row stands for one decode of its own: charge it what it would read decoded alone.
+    session = ControlledStep(model, controller, targets, steps, count_executed=False)
     is_policy = controller.uses_policy
-    n_actions = model.space.num_actions
-    previous = torch.full((rows,), n_actions, dtype=torch.long, device=device)
     record: dict[str, list[torch.Tensor]] = {
         k: [] for k in ("lp", "kl", "a", "cost", "ak", "mk", "bits", "h", "e", "f", "prev", "c", "allowed", "blp")
     }
-    embed = model.get_input_embeddings()
     for t in range(steps):
         position = context_length + t
         tokens = windows[:, position]
-        lengths = torch.full((rows,), position + 1, device=device)
-        observation = None
-        confidence = lm_confidence_features(previous_logits, tokens) if controller.needs_lm_confidence else None
-        if is_policy:
-            observation = PolicyObservation(hidden, embed(tokens), tracker.features(), previous, confidence)
-        ctx = DecisionContext(
-            tracker.requirement(), targets, model.cost_model.cost_table(lengths, is_policy), observation, t, confidence
-        )
-        actions = controller.decide(ctx)
-        out = model(tokens.unsqueeze(1), cache=cache, actions=actions.unsqueeze(1), use_cache=True)
-        cache = out.cache
-        hidden = out.last_hidden_state[:, -1]
+        lengths = torch.full((windows.shape[0],), position + 1, device=device)
+        previous = session.previous_action
+        actions = session.decide(tokens, lengths, hidden, previous_logits)
+        step = session.state(actions.unsqueeze(1), cache=cache)
+        out, hidden = model._controlled_forward(step, input_ids=tokens.unsqueeze(1), cache=cache, use_cache=True)
+        cost = session.account(actions, step)
+        cache = _cache_of(out)
+        hidden = hidden[:, -1]
         previous_logits = out.logits[:, -1]
         values = model.space.values(actions)
-        cost = out.step_cost[:, 0]
-        if is_policy:  # the policy's own weights are read every step
-            cost = cost + model.cost_model.bytes.policy / model.cost_model.dense_bytes(lengths).float()
-        tracker.update(cost, values["attention_keep"], values["mlp_keep"], values["bits"])
         log_probs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         record["lp"].append(log_probs.gather(-1, windows[:, position + 1].unsqueeze(-1)).squeeze(-1))
         if dense_log_probs is not None:  # KL(p_dense || p_controlled) of this step
             reference = dense_log_probs[:, t]
             record["kl"].append((reference.exp() * (reference - log_probs)).sum(-1))
         record["a"].append(actions)
-        record["cost"].append(cost.float())
+        record["cost"].append(cost)
         record["ak"].append(values["attention_keep"])
         record["mk"].append(values["mlp_keep"])
         record["bits"].append(values["bits"])
         if is_policy:
             assert isinstance(controller, PolicyController)
+            observation = session.observation
             record["h"].append(observation.hidden)
             record["e"].append(observation.token_embedding)
             record["f"].append(observation.features)
-            record["prev"].append(previous)
+            record["prev"].append(observation.previous_action)
             if observation.lm_confidence is not None:
                 record["c"].append(observation.lm_confidence)
             if controller.last_allowed is not None:
                 record["allowed"].append(controller.last_allowed)
             record["blp"].append(controller.last_log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1))
-        previous = actions
     stack = lambda key: torch.stack(record[key], dim=1)  # noqa: E731
     result = EpisodeBatch(
         token_log_probs=stack("lp"), actions=stack("a"), step_cost=stack("cost"), attention_keep=stack("ak"),

@@ -291,6 +291,11 @@ class Controller:
     uses_policy = False
     needs_lm_confidence = False  # True: the runner fills DecisionContext.lm_confidence
 
+    @property
+    def name(self) -> str:
+        """Short name used in reports."""
+        return type(self).__name__
+
     def __init__(self, space: ActionSpace):
         self.space = space
 
@@ -311,6 +316,8 @@ class UniformController(Controller):
     Quest's page metadata outweighs the skipped pages) keeps attention dense instead. Per-axis
     budgets do the same on each axis with its own levels.
     """
+
+    name = "uniform"
 
     def __init__(self, space: ActionSpace):
         super().__init__(space)
@@ -356,6 +363,8 @@ class UniformController(Controller):
 class RandomController(Controller):
     """A random schedule at the target budget: each step draws uniformly among the actions
     within ``spread`` of what the step should spend (per set budget dimension)."""
+
+    name = "random"
 
     def __init__(self, space: ActionSpace, seed: int = 0, spread: float = 0.25):
         super().__init__(space)
@@ -474,6 +483,8 @@ class PolicyController(Controller):
     """
 
     uses_policy = True
+
+    name = "policy"
 
     def __init__(self, policy: SolPolicy, do_sample: bool = False, temperature: float = 1.0,
                  budget_guard: float | None = 0.25, seed: int | None = None, ranked: bool = False):

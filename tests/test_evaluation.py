@@ -125,6 +125,8 @@ def test_no_state_reaches_the_next_batch_or_call(pair):
     alone = evaluate_perplexity(model, w[4:], CONTEXT, [0.85], random_seeds=2, batch_size=2, resamples=10)
     assert alone["dense"]["window_nll"] == after["dense"]["window_nll"][4:]
     for name, row in schedules(alone["budgets"][0]).items():
+        if name == "random_best":  # the best seed is picked over the windows evaluated: 2 here, 6 there
+            continue
         assert row["window_nll"] == after["budgets"][0][name]["window_nll"][4:], name
     for a, b in zip(alone["budgets"][0]["random_mean"]["seeds"], after["budgets"][0]["random_mean"]["seeds"]):
         assert a["seed"] == b["seed"]

@@ -86,7 +86,7 @@ def test_generate_and_episodes_give_the_policy_the_same_observations(model_type)
     assert episodes.observations.lm_confidence.shape == (2, STEPS, 3)
     assert torch.allclose(episodes.observations.lm_confidence.sum(-1) > 0, torch.ones(2, STEPS, dtype=torch.bool))
     report = model.last_compute_report
-    assert torch.allclose(report.cost, episodes.step_cost.mean(1).float().cpu(), atol=1e-5)
+    assert torch.allclose(report.standalone_cost, episodes.step_cost.mean(1).float().cpu(), atol=1e-5)
 
 
 def test_ranked_decisions_save_where_the_policy_prefers_the_cheaper_action_most():
@@ -124,7 +124,7 @@ def test_surprise_rule_saves_after_unsurprising_tokens_and_matches_in_generate()
     rule = SurpriseRuleController(model.space, full=(1.0, 1.0, 16), cheap=(1.0, 0.4, 16))
     context = torch.randint(3, 90, (3, CONTEXT), generator=torch.Generator().manual_seed(4))
     out = model.generate(context, max_new_tokens=STEPS + 1, do_sample=False, compute_budget=budget, controller=rule)
-    generated_cost = model.last_compute_report.cost
+    generated_cost = model.last_compute_report.standalone_cost
     episodes = run_episodes(model, out, CONTEXT, rule, parse_compute_budget(budget, 3))
     assert torch.allclose(episodes.step_cost.mean(1).float().cpu(), generated_cost, atol=1e-5)  # same decisions
     assert set(episodes.actions.unique().tolist()) <= {rule.full, rule.cheap}

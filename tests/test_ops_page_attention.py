@@ -10,6 +10,7 @@ import torch
 from sol_hf.ops import HAS_TRITON, use_backend
 from sol_hf.ops.page_attention import (
     page_attention,
+    page_attention_gather,
     page_attention_naive,
     page_attention_triton,
     page_key_bounds_naive,
@@ -190,12 +191,35 @@ def test_dispatchers_select_backend():
     q, k, v, valid = make_inputs(1, 1, 4, 20, 64, torch.float32)
     ids, count = page_selection("half", 1, 1, 2)
     ref = page_attention_naive(q, k, v, ids, count, valid, 16, 0.1)
-    assert torch.equal(page_attention(q, k, v, ids, count, valid, 16, 0.1, backend="torch"), ref)
+    torch.testing.assert_close(page_attention(q, k, v, ids, count, valid, 16, 0.1, backend="torch"), ref, atol=2e-5, rtol=2e-5)
     with use_backend("triton"):
         torch.testing.assert_close(page_attention(q, k, v, ids, count, valid, 16, 0.1), ref, atol=2e-5, rtol=2e-5)
     mn, mx = page_key_bounds_naive(k, valid, 16)
     torch.testing.assert_close(quest_page_scores(q, mn, mx, backend="triton"), quest_page_scores_naive(q, mn, mx))
-    if DEVICE == "cpu":  # auto on CPU tensors is the reference, bit for bit
-        assert torch.equal(page_attention(q, k, v, ids, count, valid, 16, 0.1), ref)
+    if DEVICE == "cpu":  # auto on CPU tensors is the torch gather of the selected pages
+        assert torch.equal(page_attention(q, k, v, ids, count, valid, 16, 0.1), page_attention_gather(q, k, v, ids, count, valid, 16, 0.1))
     with pytest.raises(ValueError):
         page_attention(q, k, v, ids, count, valid, 16, 0.1, backend="cuda")
+
+
+@pytest.mark.parametrize("mode", ["half", "rowdiff", "sinks", "all"])
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_page_attention_gather_matches_naive_and_skips_unselected_pages(mode, softcap):
+    """The CPU executed path gathers only the selected pages: NaN in every other page changes nothing."""
+    q, k, v, valid = (t.cpu() for t in make_inputs(3, 2, 2, 45, 16, torch.float32, pad=5))
+    n_pages = -(-45 // 8)
+    ids, count = page_selection(mode, 3, 2, n_pages)
+    ref = page_attention_naive(q, k, v, ids, count, valid, 8, 0.25, softcap)
+    torch.testing.assert_close(page_attention_gather(q, k, v, ids, count, valid, 8, 0.25, softcap), ref, atol=1e-5, rtol=1e-5)
+    # Poison the slots of pages that no (row, KV head) selects within the largest count.
+    selected = torch.zeros(3, 2, n_pages, dtype=torch.bool)
+    largest = int(count.max())
+    for b in range(3):
+        for h in range(2):
+            selected[b, h, ids[b, h, :largest].long()] = True
+    slot_selected = selected.repeat_interleave(8, dim=-1)[..., :45].unsqueeze(-1)
+    k_bad = torch.where(slot_selected, k, torch.nan)
+    v_bad = torch.where(slot_selected, v, torch.nan)
+    got = page_attention_gather(q, k_bad, v_bad, ids, count, valid, 8, 0.25, softcap)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ from sol_hf.ops.sparse_linear import (
     prepare_sparse_weight,
     sparse_linear,
     sparse_linear_naive,
+    sparse_linear_rows,
     sparse_linear_triton,
     topk_channel_mask,
     topk_channels,
@@ -115,5 +116,44 @@ def test_sparse_linear_dispatcher():
     x, weight, b = make(2, 64, 32, torch.float32)
     args = (x, prepare_sparse_weight(weight), topk_channels(x), counts("half", 2, 64), b)
     ref = sparse_linear_naive(*args)
-    assert torch.equal(sparse_linear(*args, backend="torch"), ref)
+    assert torch.equal(sparse_linear(*args, backend="torch"), sparse_linear_rows(*args))
+    torch.testing.assert_close(sparse_linear(*args, backend="torch"), ref, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(sparse_linear(*args, backend="triton"), ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_linear_rows_matches_naive_and_reads_only_kept_rows(dtype, bias):
+    """The CPU executed path (``embedding_bag`` over kept rows): per-row counts, a row that keeps
+    everything, one that keeps nothing; rows of W_t no row keeps are never read (poisoned with NaN),
+    and the rows the op hands to ``embedding_bag`` are exactly the kept ones."""
+    x, weight, b = make(4, 96, 40, dtype, bias=bias)
+    x, weight, b = x.cpu(), weight.cpu(), None if b is None else b.cpu()
+    idx = topk_channels(x)
+    c = torch.tensor([30, 96, 0, 7])
+    weight_t = prepare_sparse_weight(weight)
+    ref = sparse_linear_naive(x, weight_t, idx, c, b)
+    tol = TOL[dtype] * 4
+    torch.testing.assert_close(sparse_linear_rows(x, weight_t, idx, c, b), ref, atol=tol, rtol=tol)
+    partial = torch.tensor([30, 50, 0, 7])  # row 1 now keeps 50, so not every row of W_t is read
+    read = torch.zeros(96, dtype=torch.bool)
+    for n in range(4):
+        read[idx[n, : partial[n]].long()] = True
+    poisoned = weight_t.clone()
+    poisoned[~read] = float("nan")
+    got = sparse_linear_rows(x, poisoned, idx, partial, b)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, sparse_linear_naive(x, weight_t, idx, partial, b), atol=tol, rtol=tol)
+    seen = []
+    real = torch.nn.functional.embedding_bag
+
+    def counting(input, *args, **kwargs):
+        seen.append(input.numel())
+        return real(input, *args, **kwargs)
+
+    torch.nn.functional.embedding_bag = counting
+    try:
+        sparse_linear_rows(x, weight_t, idx, partial, b)
+    finally:
+        torch.nn.functional.embedding_bag = real
+    assert seen == [int(partial.sum())]

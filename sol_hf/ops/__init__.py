@@ -1,10 +1,12 @@
-"""Kernels for the three efficiency actions. Each op has a torch reference (``*_naive``) beside
-its fast path; this package imports nothing else from sol_hf."""
+"""Kernels for the efficiency actions. Each op has a masked torch reference (``*_naive``) beside
+its executed paths, which read fewer bytes: a torch path for CPU (``*_rows``, ``*_gather``) and a
+Triton kernel for CUDA (``*_triton``). This package imports nothing else from sol_hf."""
 
-from ._backend import HAS_TRITON, get_backend, set_backend, use_backend
+from ._backend import HAS_TRITON, get_backend, set_backend, use_backend, use_triton
 from .act_quant import fake_quantize, fake_quantize_naive, fake_quantize_triton
 from .page_attention import (
     page_attention,
+    page_attention_gather,
     page_attention_naive,
     page_attention_triton,
     page_key_bounds,
@@ -17,6 +19,7 @@ from .page_attention import (
 from .sparse_linear import (
     prepare_sparse_weight,
     sparse_linear,
+    sparse_linear_rows,
     sparse_linear_naive,
     sparse_linear_triton,
     topk_channel_mask,

@@ -11,6 +11,7 @@ pick the fastest available implementation.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._backend import HAS_TRITON, get_backend, next_power_of_2, target_programs, tl, triton, use_triton
 
@@ -19,6 +20,7 @@ __all__ = [
     "quest_page_scores_naive",
     "select_pages",
     "page_attention_naive",
+    "page_attention_gather",
     "page_key_bounds",
     "quest_page_scores",
     "page_attention",
@@ -166,6 +168,53 @@ def page_attention_naive(
     probs = torch.softmax(logits, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # a row with nothing to read gives zeros
     out = torch.matmul(probs, value.float())
+    return out.reshape(batch, q_heads, dim).to(query.dtype)
+
+
+def page_attention_gather(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    page_ids: torch.Tensor,
+    page_count: torch.Tensor,
+    valid: torch.Tensor,
+    page_size: int,
+    scaling: float,
+    softcap: float | None = None,
+    *,
+    max_pages: int | None = None,
+) -> torch.Tensor:
+    """Torch twin of :func:`page_attention_naive` that reads only the selected pages.
+
+    Gathers the slots of the first ``max_pages`` entries of ``page_ids`` of every (row, KV head)
+    (entries past a row's ``page_count`` are gathered too but masked: pass ``max_pages`` =
+    ``page_count.max()``, which is the default, read on the host), then attends over them. Reads
+    ``max_pages * page_size`` K and V slots per (row, KV head) instead of ``S``. Same arguments
+    and result as the reference up to float rounding.
+    """
+    batch, q_heads, dim = query.shape
+    kv_heads, seq_len = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    pages = int(page_count.max()) if max_pages is None else int(max_pages)
+    pages = max(0, min(pages, page_ids.shape[-1]))
+    device = query.device
+    in_page = torch.arange(page_size, device=device)
+    slots = (page_ids[..., :pages].long().unsqueeze(-1) * page_size + in_page).flatten(-2)  # (B, Hkv, n)
+    counted = torch.arange(pages, device=device) < page_count.unsqueeze(-1)  # (B, Hkv, pages)
+    ok = counted.repeat_interleave(page_size, dim=-1) & (slots < seq_len)
+    slots = slots.clamp(max=seq_len - 1)
+    ok = ok & valid.gather(1, slots.flatten(1)).view_as(slots)
+    index = slots.unsqueeze(-1).expand(-1, -1, -1, dim)
+    k, v = key.gather(2, index), value.gather(2, index)  # (B, Hkv, n, D): only the selected slots
+    q = query.view(batch, kv_heads, group, dim)  # a KV head's query heads attend as G queries
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ok.unsqueeze(2), scale=scaling)
+    else:
+        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+        logits = torch.tanh(logits / softcap) * softcap
+        probs = torch.softmax(logits.masked_fill(~ok.unsqueeze(2), -torch.inf), dim=-1)
+        out = torch.matmul(probs, v.float())
+    out = torch.nan_to_num(out, nan=0.0)  # a (row, head) with nothing to read gives zeros
     return out.reshape(batch, q_heads, dim).to(query.dtype)
 
 
@@ -446,9 +495,11 @@ def quest_page_scores(
 def page_attention(
     query, key, value, page_ids, page_count, valid, page_size, scaling, softcap=None, *, backend: str | None = None
 ):
-    """Dispatcher: :func:`page_attention_triton` on CUDA tensors when Triton imports (head dim <=
-    256), else :func:`page_attention_naive`; ``backend`` = "auto" | "torch" | "triton"."""
+    """Dispatcher over the executed paths, both reading only the selected pages:
+    :func:`page_attention_triton` on CUDA tensors when Triton imports (head dim <= 256), else
+    :func:`page_attention_gather`; ``backend`` = "auto" | "torch" | "triton". The masked
+    reference is :func:`page_attention_naive`."""
     forced = (backend or get_backend()) == "triton"
     if use_triton(backend, query, key, value) and (forced or query.shape[-1] <= 256):
         return page_attention_triton(query, key, value, page_ids, page_count, valid, page_size, scaling, softcap)
-    return page_attention_naive(query, key, value, page_ids, page_count, valid, page_size, scaling, softcap)
+    return page_attention_gather(query, key, value, page_ids, page_count, valid, page_size, scaling, softcap)

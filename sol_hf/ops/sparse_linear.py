@@ -8,10 +8,19 @@ transposed, ``(Din, Dout)`` row-major, so one input channel's weights are contig
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._backend import HAS_TRITON, target_programs, tl, triton, use_triton
 
-__all__ = ["sparse_linear_triton", "topk_channel_mask", "topk_channels", "sparse_linear_naive", "sparse_linear", "prepare_sparse_weight"]
+__all__ = [
+    "sparse_linear_triton",
+    "sparse_linear_rows",
+    "topk_channel_mask",
+    "topk_channels",
+    "sparse_linear_naive",
+    "sparse_linear",
+    "prepare_sparse_weight",
+]
 
 
 def _rank_by_magnitude(x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +85,36 @@ def sparse_linear_naive(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def sparse_linear_rows(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    channel_idx: torch.Tensor,
+    channel_count: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Torch twin of :func:`sparse_linear_naive` that reads only the kept rows of ``W_t``.
+
+    ``y[n]`` is a weighted sum of the ``count[n]`` rows of ``W_t`` that row ``n`` keeps, which is
+    exactly what ``F.embedding_bag(mode="sum", per_sample_weights=...)`` computes while reading
+    only those rows (one bag per row; rows do not share reads, so the op reads
+    ``sum_n count[n]`` weight rows). Same arguments and result as the reference up to float
+    summation order. Reads ``channel_count`` on the host once (free on CPU, where this path runs).
+    """
+    n_rows, n_idx = channel_idx.shape
+    idx = channel_idx.long()
+    weights = torch.gather(x, 1, idx).to(weight_t.dtype)
+    counts = channel_count.clamp(0, n_idx)
+    if bool((counts == n_idx).all()):  # every row uses all its candidates: fixed-size bags
+        out = F.embedding_bag(idx, weight_t, mode="sum", per_sample_weights=weights)
+    else:
+        used = torch.arange(n_idx, device=x.device) < counts.unsqueeze(-1)
+        offsets = torch.cumsum(counts, 0) - counts
+        out = F.embedding_bag(idx[used], weight_t, offsets, mode="sum", per_sample_weights=weights[used])
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype)
 
 
 if HAS_TRITON:
@@ -191,9 +230,11 @@ def sparse_linear_triton(
 
 
 def sparse_linear(x, weight_t, channel_idx, channel_count, bias=None, *, backend: str | None = None):
-    """Dispatcher: :func:`sparse_linear_triton` on CUDA tensors when Triton imports, else
-    :func:`sparse_linear_naive`; ``backend`` = "auto" | "torch" | "triton" (None: the default
-    set by ``sol_hf.ops.set_backend``)."""
+    """Dispatcher over the two executed paths, both reading only the kept rows of ``W_t``:
+    :func:`sparse_linear_triton` on CUDA tensors when Triton imports, else
+    :func:`sparse_linear_rows` (torch's ``embedding_bag``); ``backend`` = "auto" | "torch" |
+    "triton" (None: the default set by ``sol_hf.ops.set_backend``). The masked reference is
+    :func:`sparse_linear_naive`."""
     if use_triton(backend, x, weight_t):
         return sparse_linear_triton(x, weight_t, channel_idx, channel_count, bias)
-    return sparse_linear_naive(x, weight_t, channel_idx, channel_count, bias)
+    return sparse_linear_rows(x, weight_t, channel_idx, channel_count, bias)

@@ -1,0 +1,199 @@
+"""Where the MLP actions execute: input-channel pruning that reads only the kept weight rows.
+
+At wrap time every MLP gets an :class:`MlpExecutor`. It prepares the transposed weight layout
+the sparse ops read, ``(Din, Dout)`` row-major so one input channel's weights are one contiguous
+row (the input projections of a gated MLP are fused into one ``(Din, Dout_gate + Dout_up)``
+matrix), and replaces the ``forward`` of the MLP's input projections (and, with
+``prune_intermediate``, its output projection) by an instance attribute. Outside a controlled
+step the original ``forward`` runs; :meth:`MlpExecutor.remove` deletes the attributes and frees
+the prepared copies.
+
+During a controlled decode step each row keeps its top-``ceil(keep * Din)`` channels by
+``|x|`` (``torch.topk``, no full sort on CPU), and the projections run one of two paths, chosen
+by the bytes they read:
+
+* **sparse**: ``ops.sparse_linear`` reads, for each row, only the weight rows of its kept
+  channels (``embedding_bag`` on CPU, the Triton kernel on CUDA). Rows do not share reads, so
+  a batch reads ``sum_r count_r`` rows.
+* **masked dense**: where that sum reaches ``Din`` (large batches), zeroing the dropped channels
+  and running the dense projection reads fewer bytes: the whole weight once.
+
+Either way the result is the same function of the input (up to float summation order).
+Teacher-forced calls (several positions per row, ``StepState.decode`` false) always take the
+masked dense path, the reference.
+Bytes are attributed to rows as they are read: a sparse row is charged its own rows, and a row
+of a dense call is charged the whole projection, as a row decoded alone would be.
+
+The MLP output's activation fake-quantization (the paper's bits axis) reads no fewer bytes on
+any backend; it is applied by a forward hook and credited nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ..actions import kept_count
+from .state import Runtime, StepState
+
+__all__ = ["MlpExecutor", "quantize_output_hook", "projection_widths"]
+
+
+def _transposed_weight(module: nn.Module) -> torch.Tensor:
+    """(Din, Dout) view of a projection's weight: ``nn.Linear`` stores (Dout, Din); transformers'
+    ``Conv1D`` (GPT-2) already stores (Din, Dout)."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight
+    if isinstance(module, nn.Linear):
+        return module.weight.t()
+    raise TypeError(f"MLP projection {type(module).__name__} is neither nn.Linear nor Conv1D; sol_hf cannot prune its input")
+
+
+def projection_widths(projections: list[nn.Module]) -> tuple[int, float]:
+    """(input channels, bytes of one input channel's weights over all ``projections``)."""
+    weights = [_transposed_weight(p) for p in projections]
+    widths = {w.shape[0] for w in weights}
+    if len(widths) != 1:
+        raise ValueError(f"MLP input projections read different widths {sorted(widths)}; sol_hf cannot prune their shared input")
+    return widths.pop(), float(sum(w.shape[1] * w.element_size() for w in weights))
+
+
+def _prepare(projections: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
+    """Fused (Din, sum Dout) row-major weight, fused bias or None, and each projection's Dout."""
+    weights = [_transposed_weight(p).detach() for p in projections]
+    widths = tuple(w.shape[1] for w in weights)
+    fused = weights[0].contiguous() if len(weights) == 1 else torch.cat(weights, dim=1).contiguous()
+    biases = [p.bias for p in projections]
+    if all(b is None for b in biases):
+        bias = None
+    else:
+        bias = torch.cat([b.detach() if b is not None else fused.new_zeros(w) for b, w in zip(biases, widths)])
+    return fused, bias, widths
+
+
+class _PrunedProjections:
+    """One group of projections that read the same input: the prepared weight and the last result."""
+
+    def __init__(self, projections: list[nn.Module], levels: tuple[float, ...]):
+        self.projections = projections
+        self.originals = [p.forward for p in projections]
+        self.weight_t, self.bias, self.widths = _prepare(projections)
+        self.width = self.weight_t.shape[0]
+        element = self.weight_t.element_size()
+        self.row_bytes = float(self.weight_t.shape[1] * element)
+        self.full_bytes = float(sum(p.numel() * p.element_size() for m in projections for p in m.parameters()))
+        self.counts_host = tuple(kept_count(k, self.width) for k in levels)
+        self._counts: dict[torch.device, torch.Tensor] = {}
+        self._last_input: torch.Tensor | None = None
+        self._last_outputs: tuple[torch.Tensor, ...] = ()
+        # Copies made for the layout (a Conv1D weight is used as it is, no copy).
+        shares = len(projections) == 1 and self.weight_t.data_ptr() == projections[0].weight.data_ptr()
+        self.prepared_bytes = 0 if shares else self.weight_t.numel() * element
+
+    def counts(self, device: torch.device) -> torch.Tensor:
+        """(levels,) int64 kept channels per MLP keep level, on ``device`` (built once)."""
+        if device not in self._counts:
+            self._counts[device] = torch.tensor(self.counts_host, dtype=torch.long, device=device)
+        return self._counts[device]
+
+    def outputs(self, x: torch.Tensor, step: StepState) -> tuple[torch.Tensor, ...]:
+        """Every projection's output for input ``x`` (..., Din) under the step's actions; computed
+        once per input (the projections of a gated MLP share it)."""
+        if x is self._last_input:
+            return self._last_outputs
+        flat = x.reshape(-1, self.width)
+        rows = flat.shape[0]
+        counts = self.counts(x.device)[step.mlp_index]  # (R,)
+        if step.host is not None:  # sizes known on the host: pick the path that reads fewer bytes
+            host_counts = [self.counts_host[i] for i in step.host.mlp_index]
+            widest = max(host_counts)
+            all_kept = min(host_counts) >= self.width
+            sparse = step.decode and sum(host_counts) < self.width
+        else:  # Triton reads the counts on the device: one row at a time pays, no host sync
+            widest, all_kept, sparse = self.width, False, step.decode and rows == 1
+        lead = x.shape[:-1]
+        if all_kept:
+            results = tuple(f(x) for f in self.originals)
+            step.mlp_bytes += self.full_bytes
+        elif sparse:
+            channels = torch.topk(flat.abs(), widest, dim=-1).indices  # (R, widest), largest first
+            fused = ops.sparse_linear(flat, self.weight_t, channels, counts, self.bias)
+            results = tuple(y.reshape(*lead, y.shape[-1]) for y in fused.split(self.widths, dim=-1))
+            step.mlp_bytes += counts.to(torch.float64) * self.row_bytes + (self.full_bytes - self.width * self.row_bytes)
+        else:
+            magnitude = flat.abs()
+            top = torch.topk(magnitude, widest, dim=-1).values  # (R, widest), descending
+            threshold = top.gather(-1, (counts - 1).clamp(min=0).unsqueeze(-1))
+            threshold = torch.where(counts.unsqueeze(-1) >= self.width, -1.0, threshold)
+            pruned = torch.where(magnitude >= threshold, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+            results = tuple(f(pruned.view_as(x)) for f in self.originals)
+            step.mlp_bytes += self.full_bytes
+        self._last_input, self._last_outputs = x, results
+        return results
+
+    def install(self, runtime: Runtime) -> None:
+        for position, (module, original) in enumerate(zip(self.projections, self.originals)):
+            def forward(x, *args, _position=position, _original=original, **kwargs):
+                step = runtime.step
+                if step is None:
+                    return _original(x, *args, **kwargs)
+                return self.outputs(x, step)[_position]
+
+            object.__setattr__(module, "forward", forward)
+
+    def remove(self) -> None:
+        for module in self.projections:
+            module.__dict__.pop("forward", None)
+        self._last_input, self._last_outputs = None, ()
+        self.weight_t = self.bias = None
+        self._counts.clear()
+
+
+class MlpExecutor:
+    """The executed MLP actions of one decoder layer (see the module docstring).
+
+    Args:
+        mlp: the layer's MLP module.
+        input_projections: its modules that read the MLP input (fused into one prepared weight).
+        output_projection: its module that reads the intermediate activation; pruned only when
+            ``prune_intermediate``.
+        levels: the config's MLP keep fractions.
+    """
+
+    def __init__(self, mlp: nn.Module, input_projections: list[nn.Module], output_projection: nn.Module,
+                 levels: tuple[float, ...], prune_intermediate: bool, runtime: Runtime):
+        self.inputs = _PrunedProjections(input_projections, levels)
+        self.output = _PrunedProjections([output_projection], levels) if prune_intermediate else None
+        self.inputs.install(runtime)
+        if self.output is not None:
+            self.output.install(runtime)
+        self.quant_handle = mlp.register_forward_hook(quantize_output_hook(runtime))
+
+    @property
+    def prepared_bytes(self) -> int:
+        """Memory held by the prepared (transposed) weight copies."""
+        return self.inputs.prepared_bytes + (self.output.prepared_bytes if self.output is not None else 0)
+
+    def remove(self) -> None:
+        self.quant_handle.remove()
+        self.inputs.remove()
+        if self.output is not None:
+            self.output.remove()
+
+
+def quantize_output_hook(runtime: Runtime):
+    """Forward hook on an MLP: per-token fake-quantization of its output to the step's bits (a
+    reference-only action: it reads no fewer bytes, and is skipped when every row keeps 16 bits
+    and the host knows it)."""
+
+    def hook(module, args, output):
+        step = runtime.step
+        if step is None or (step.host is not None and not step.host.any_quant):
+            return None
+        tensor = output[0] if isinstance(output, tuple) else output
+        flat = tensor.reshape(-1, tensor.shape[-1])
+        quantized = ops.fake_quantize(flat, step.bits).view_as(tensor)
+        return (quantized, *output[1:]) if isinstance(output, tuple) else quantized
+
+    return hook

@@ -1,0 +1,96 @@
+"""The state a controlled forward call carries from the decision to the executing ops.
+
+A :class:`StepState` is set on the :class:`Runtime` of a wrapped model for the duration of one
+controlled forward call. The attention function and the patched MLP projections read the per-row
+actions from it and add the bytes they actually read to its counters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import SolConfig
+
+__all__ = ["HostPlan", "StepState", "Runtime"]
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """Host copies of a step's per-row actions, for backends whose ops need sizes on the host.
+
+    The torch ops that read fewer bytes on CPU (``embedding_bag`` over kept rows, a gather of the
+    selected pages) need the number of rows / pages to read as Python ints. On CPU a device-to-host
+    read is free, so the step reads its (R,) action values once. Triton kernels read sizes on the
+    device, so CUDA steps run without a plan (``StepState.host is None``) and never sync.
+    """
+
+    mlp_index: tuple[int, ...]
+    attention_keep: tuple[float, ...]
+    bits: tuple[int, ...]
+
+    @property
+    def any_quant(self) -> bool:
+        return any(b < 16 for b in self.bits)
+
+    @property
+    def all_attention_dense(self) -> bool:
+        return all(k >= 1.0 for k in self.attention_keep)
+
+
+@dataclass
+class StepState:
+    """Per-row actions of the forward call in progress. ``R = B * T`` rows, b-major.
+
+    Attributes:
+        attention_keep: (R,) float32 fraction of valid KV tokens to read.
+        mlp_index: (R,) int64 index of the MLP keep level in ``config.mlp_keep``.
+        bits: (R,) int64 MLP-output bit-width (16 = off).
+        config: the model's :class:`SolConfig`.
+        host: host copies of the actions (CPU), or ``None`` (Triton: sizes stay on the device).
+        decode: one query per row (a decode step): the executed paths run. Teacher-forced calls
+            with several positions per row run the masked reference ops instead.
+        mlp_bytes: (R,) float64, MLP weight bytes the executed projections read (added per layer).
+        kv_bytes: (R,) float64, K/V + page-metadata bytes attention read (added per layer).
+        left_padding: (B,) int64 padding tokens before each row's first token, or ``None``.
+        total_length: tokens in the (padded) sequence so far, the current ones included.
+        cache: the KV cache of the call (a :class:`~sol_hf.cache.PageBoundsLayer` in it supplies
+            the Quest page bounds instead of recomputing them from every key).
+        layouts: per (kv_len, q_len), slot masks computed once per step and shared by the layers.
+    """
+
+    attention_keep: torch.Tensor
+    mlp_index: torch.Tensor
+    bits: torch.Tensor
+    config: SolConfig
+    host: HostPlan | None = None
+    decode: bool = True
+    mlp_bytes: torch.Tensor | None = None
+    kv_bytes: torch.Tensor | None = None
+    left_padding: torch.Tensor | None = None
+    total_length: int = 0
+    cache: Any = None
+    layouts: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        rows = self.attention_keep.shape[0]
+        zeros = lambda: torch.zeros(rows, dtype=torch.float64, device=self.attention_keep.device)  # noqa: E731
+        if self.mlp_bytes is None:
+            self.mlp_bytes = zeros()
+        if self.kv_bytes is None:
+            self.kv_bytes = zeros()
+
+
+class Runtime:
+    """Plain (non-Module) object shared by the patched modules and the attention function of one
+    wrapped model: the step in progress, the generation session, the captured hidden state."""
+
+    def __init__(self, original_attn: str, cost_model: Any):
+        self.original_attn = original_attn
+        self.cost_model = cost_model  # the attention path is chosen by the rule it predicts with
+        self.step: StepState | None = None
+        self.session: Any = None
+        self.last_hidden: torch.Tensor | None = None
+        self.capture_hidden = False
