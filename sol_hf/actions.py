@@ -295,19 +295,19 @@ class CostModel:
 
     def _table(self, context_length: torch.Tensor, with_policy: bool, executed: bool) -> torch.Tensor:
         t = self.space.tables(context_length.device)
-        length = context_length.unsqueeze(-1)  # (B, 1)
-        kv_bytes = self._kv_bytes(t["attention_keep"].unsqueeze(0), length.expand(-1, self.space.num_actions), executed)
+        length = context_length.unsqueeze(-1)  # (..., 1)
+        kv_bytes = self._kv_bytes(t["attention_keep"], length.expand(*context_length.shape, self.space.num_actions), executed)
         mlp = self._tables(context_length.device)["mlp_executed" if executed else "mlp_nominal"][t["mlp_index"]]
         total = self.bytes.fixed + mlp + kv_bytes + (self.bytes.policy if with_policy else 0.0)
         return (total / self.dense_bytes(length)).to(torch.float32)
 
     def cost_table(self, context_length: torch.Tensor, with_policy: bool) -> torch.Tensor:
-        """(B,) valid lengths -> (B, N) cost fraction of every action as the executing backend
+        """(...,) valid lengths -> (..., N) cost fraction of every action as the executing backend
         (the tensors' device) reads it for one row decoded alone: bytes read / dense bytes."""
         return self._table(context_length, with_policy, executed=True)
 
     def nominal_cost_table(self, context_length: torch.Tensor, with_policy: bool) -> torch.Tensor:
-        """(B,) -> (B, N) the nominal cost fraction: what an ideal kernel would read (keep
+        """(...,) -> (..., N) the nominal cost fraction: what an ideal kernel would read (keep
         fraction x weight bytes, the pages selected plus their metadata), whatever executes."""
         return self._table(context_length, with_policy, executed=False)
 

@@ -334,6 +334,7 @@ class UniformController(Controller):
             space.index_of(1.0, space.mlp_keep[space.axis_indices_host(a)[1]], space.bits[space.axis_indices_host(a)[2]])
             for a in self.ladder
         ]
+        self._on_device: dict[torch.device, tuple] = {}
 
     def _pick(self, values: torch.Tensor, requirement: torch.Tensor) -> torch.Tensor:
         """values (B, K) candidate values, requirement (B,) -> (B,) position of the largest value
@@ -343,17 +344,27 @@ class UniformController(Controller):
         smallest = values.argmin(-1)
         return torch.where(fits.any(-1), best_fit, smallest)
 
+    def _device_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Ladder, dense-attention twins and per-axis level grids on ``device``, built once (a
+        host-to-device copy per step would sync on CUDA)."""
+        if device not in self._on_device:
+            bits = [b / 16 for b in self.space.bits]
+            self._on_device[device] = (
+                torch.tensor(self.ladder, device=device),
+                torch.tensor(self.dense_attention_twin, device=device),
+                [torch.tensor(levels, device=device) for levels in (self.space.attention_keep, self.space.mlp_keep, bits)],
+            )
+        return self._on_device[device]
+
     def decide(self, ctx: DecisionContext) -> torch.Tensor:
         device = ctx.cost_table.device
-        ladder = torch.tensor(self.ladder, device=device)
-        twin = torch.tensor(self.dense_attention_twin, device=device)
+        ladder, twin, grids = self._device_tables(device)
         cheaper_twin = ctx.cost_table[:, twin] <= ctx.cost_table[:, ladder]  # (B, K)
         rungs = torch.where(cheaper_twin, twin, ladder)  # (B, K) per-row ladder
         by_cost = rungs.gather(-1, self._pick(ctx.cost_table.gather(-1, rungs), ctx.requirement[:, 0]).unsqueeze(-1)).squeeze(-1)
         index = []
-        for col, levels in ((1, self.space.attention_keep), (2, self.space.mlp_keep), (3, [b / 16 for b in self.space.bits])):
-            grid = torch.tensor(levels, device=device).expand(ctx.cost_table.shape[0], -1)
-            picked = self._pick(grid, ctx.requirement[:, col])
+        for col, levels in zip((1, 2, 3), grids):
+            picked = self._pick(levels.expand(ctx.cost_table.shape[0], -1), ctx.requirement[:, col])
             index.append(torch.where(ctx.targets.is_set[:, col], picked, len(levels) - 1))
         na, nm, nb = self.space.shape
         by_axis = (index[0] * nm + index[1]) * nb + index[2]

@@ -317,7 +317,8 @@ def test_report_counts_the_bytes_the_executed_ops_read(backend, monkeypatch):
 
     def count_mlp(real):
         def wrapped(x, weight_t, channel_idx, channel_count, bias=None, **kw):
-            rows = int(channel_count.clamp(max=channel_idx.shape[1]).sum())
+            # channel_count None: every row uses all its candidate channels
+            rows = channel_idx.numel() if channel_count is None else int(channel_count.clamp(max=channel_idx.shape[1]).sum())
             read["mlp"] += rows * weight_t.shape[1] * weight_t.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
             return real(x, weight_t, channel_idx, channel_count, bias, **kw)
         return wrapped

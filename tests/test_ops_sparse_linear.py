@@ -123,10 +123,13 @@ def test_sparse_linear_dispatcher():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_sparse_linear_rows_matches_naive_and_reads_only_kept_rows(dtype, bias):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sparse_linear_rows_matches_naive_and_reads_only_kept_rows(dtype, bias, threads, monkeypatch):
     """The CPU executed path (``embedding_bag`` over kept rows): per-row counts, a row that keeps
     everything, one that keeps nothing; rows of W_t no row keeps are never read (poisoned with NaN),
     and the rows the op hands to ``embedding_bag`` are exactly the kept ones."""
+    # With more threads than rows, each row's output is split into column blocks (one bag each).
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads * 4)
     x, weight, b = make(4, 96, 40, dtype, bias=bias)
     x, weight, b = x.cpu(), weight.cpu(), None if b is None else b.cpu()
     idx = topk_channels(x)
@@ -147,13 +150,13 @@ def test_sparse_linear_rows_matches_naive_and_reads_only_kept_rows(dtype, bias):
     seen = []
     real = torch.nn.functional.embedding_bag
 
-    def counting(input, *args, **kwargs):
-        seen.append(input.numel())
-        return real(input, *args, **kwargs)
+    def counting(input, weight, *args, **kwargs):
+        seen.append(input.numel() * weight.shape[1])  # weight elements read
+        return real(input, weight, *args, **kwargs)
 
     torch.nn.functional.embedding_bag = counting
     try:
         sparse_linear_rows(x, weight_t, idx, partial, b)
     finally:
         torch.nn.functional.embedding_bag = real
-    assert seen == [int(partial.sum())]
+    assert seen == [int(partial.sum()) * 40]

@@ -87,6 +87,15 @@ def sparse_linear_naive(
     return y.to(x.dtype)
 
 
+def _column_parts(n_rows: int, d_out: int) -> int:
+    """Column blocks per row so that rows x blocks covers the intra-op threads (1 if ``d_out``
+    does not split evenly)."""
+    parts = max(1, torch.get_num_threads() // max(n_rows, 1))
+    while parts > 1 and d_out % parts:
+        parts -= 1
+    return parts
+
+
 def sparse_linear_rows(
     x: torch.Tensor,
     weight_t: torch.Tensor,
@@ -100,18 +109,31 @@ def sparse_linear_rows(
     exactly what ``F.embedding_bag(mode="sum", per_sample_weights=...)`` computes while reading
     only those rows (one bag per row; rows do not share reads, so the op reads
     ``sum_n count[n]`` weight rows). Same arguments and result as the reference up to float
-    summation order. Reads ``channel_count`` on the host once (free on CPU, where this path runs).
+    summation order. Reads ``channel_count`` on the host once (free on CPU, where this path runs);
+    ``channel_count=None`` means every row uses all K candidates (no read).
     """
     n_rows, n_idx = channel_idx.shape
+    d_in, d_out = weight_t.shape
     idx = channel_idx.long()
     weights = torch.gather(x, 1, idx).to(weight_t.dtype)
-    counts = channel_count.clamp(0, n_idx)
-    if bool((counts == n_idx).all()):  # every row uses all its candidates: fixed-size bags
+    counts = None if channel_count is None else channel_count.clamp(0, n_idx)
+    # embedding_bag parallelises over bags: with fewer rows than threads, split every row's output
+    # into ``parts`` column blocks, each a bag over the same channels of a (Din * parts, Dout /
+    # parts) view of W_t (free: W_t is row-major), so every thread reads its share of each row.
+    parts = _column_parts(n_rows, d_out) if weight_t.is_contiguous() else 1
+    if parts > 1:
+        weight_t = weight_t.view(d_in * parts, d_out // parts)
+        idx = (idx.unsqueeze(1) * parts + torch.arange(parts, device=idx.device).view(1, parts, 1)).reshape(-1, n_idx)
+        weights = weights.unsqueeze(1).expand(-1, parts, -1).reshape(-1, n_idx)
+        if counts is not None:
+            counts = counts.repeat_interleave(parts)
+    if counts is None or bool((counts == n_idx).all()):  # every row uses all its candidates: fixed-size bags
         out = F.embedding_bag(idx, weight_t, mode="sum", per_sample_weights=weights)
     else:
         used = torch.arange(n_idx, device=x.device) < counts.unsqueeze(-1)
         offsets = torch.cumsum(counts, 0) - counts
         out = F.embedding_bag(idx[used], weight_t, offsets, mode="sum", per_sample_weights=weights[used])
+    out = out.reshape(n_rows, d_out)
     if bias is not None:
         out = out + bias
     return out.to(x.dtype)
@@ -236,5 +258,7 @@ def sparse_linear(x, weight_t, channel_idx, channel_count, bias=None, *, backend
     "triton" (None: the default set by ``sol_hf.ops.set_backend``). The masked reference is
     :func:`sparse_linear_naive`."""
     if use_triton(backend, x, weight_t):
+        if channel_count is None:
+            channel_count = torch.full((x.shape[0],), channel_idx.shape[1], dtype=torch.long, device=x.device)
         return sparse_linear_triton(x, weight_t, channel_idx, channel_count, bias)
     return sparse_linear_rows(x, weight_t, channel_idx, channel_count, bias)

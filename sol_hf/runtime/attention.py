@@ -125,6 +125,13 @@ class _Layout:
             step.attention_keep, self.n_valid, page, config.sink_tokens, config.recent_tokens, config.selection == "quest", overhead_tokens,
         ).to(torch.float32)
         self.any_sparse: bool | None = None  # host-side, filled for host-planned steps
+        self._host_n_valid: list[int] | None = None
+
+    def valid_counts_on_host(self) -> list[int]:
+        """``n_valid`` as Python ints, read once per step (host-planned steps only)."""
+        if self._host_n_valid is None:
+            self._host_n_valid = self.n_valid.tolist()
+        return self._host_n_valid
 
 
 def sparse_decode_attention(
@@ -228,15 +235,16 @@ def _make_sol_attention(impl: str):
             scaling = dim**-0.5
         softcap = kwargs.get("softcap")
         config = step.config
-        layer = getattr(module, "layer_idx", None)
-        if layer is not None and runtime.cost_model.bytes.window[layer] > 0:
-            # A sliding-window layer reads its bounded window dense: its pages would be counted from
-            # a slot that moves every step, so decode and teacher-forced scoring could not agree.
-            if q_len == 1:
-                valid = _valid_slots(attention_mask, batch, 1, kv_len, query.device)
-                step.kv_bytes += valid.sum((-1, -2)).to(torch.float64) * (2 * kv_heads * dim * key.element_size())
-            return dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         token_bytes = 2 * kv_heads * dim * key.element_size()
+        layer = getattr(module, "layer_idx", None)
+        # A sliding-window layer reads its bounded window dense: its pages would be counted from a
+        # slot that moves every step, so decode and teacher-forced scoring could not agree.
+        windowed = layer is not None and runtime.cost_model.bytes.window[layer] > 0
+        if q_len == 1 and attention_mask is None and (windowed or (step.host is not None and step.host.all_attention_dense)):
+            step.kv_bytes.add(kv_len * token_bytes)  # no mask: every slot is valid for every row
+            return dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if windowed and q_len > 1:
+            return dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         overhead = runtime.cost_model.attention_overhead_bytes.get(query.device.type, 0.0) / token_bytes
         layout, start = _layout(step, attention_mask, batch, q_len, kv_len, query.device, overhead)
         q = query.transpose(1, 2).reshape(batch * q_len, q_heads, dim)
@@ -250,10 +258,13 @@ def _make_sol_attention(impl: str):
                 forced=layout.forced, page_valid=layout.page_valid, reference=True,
             )
             return out.view(batch, q_len, q_heads, dim), None
-        n_valid = layout.n_valid.to(torch.float64)
-        if not _runs_sparse(step, layout, kv_len, runtime.cost_model.sparse_attention_from(query.device.type)):
-            step.kv_bytes += n_valid * token_bytes
+        if windowed or not _runs_sparse(step, layout, kv_len, runtime.cost_model.sparse_attention_from(query.device.type)):
+            if step.host is not None:
+                step.kv_bytes.add([n * token_bytes for n in layout.valid_counts_on_host()])
+            else:
+                step.kv_bytes.add(layout.n_valid * token_bytes)
             return dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        n_valid = layout.n_valid.to(torch.float64)
         bounds = _cached_page_bounds(step, module, kv_len) if start is None else None
         k, v = (key, value) if start is None else _shift_kv(key, value, start)
         out, page_count = sparse_decode_attention(
@@ -274,7 +285,7 @@ def _make_sol_attention(impl: str):
                 tokens = tokens + n_valid / 2
         if start is not None:
             tokens = tokens + kv_len
-        step.kv_bytes += tokens * token_bytes
+        step.kv_bytes.add(tokens * token_bytes)
         return out.view(batch, q_len, q_heads, dim), None
 
     return sol_attention

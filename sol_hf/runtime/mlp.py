@@ -104,7 +104,6 @@ class _PrunedProjections:
             return self._last_outputs
         flat = x.reshape(-1, self.width)
         rows = flat.shape[0]
-        counts = self.counts(x.device)[step.mlp_index]  # (R,)
         if step.host is not None:  # sizes known on the host: pick the path that reads fewer bytes
             host_counts = [self.counts_host[i] for i in step.host.mlp_index]
             widest = max(host_counts)
@@ -113,22 +112,30 @@ class _PrunedProjections:
         else:  # Triton reads the counts on the device: one row at a time pays, no host sync
             widest, all_kept, sparse = self.width, False, step.decode and rows == 1
         lead = x.shape[:-1]
+        uniform = step.host is not None and min(host_counts) == widest  # every row keeps the same count
+        counts = None if uniform else self.counts(x.device)[step.mlp_index]  # (R,)
         if all_kept:
             results = tuple(f(x) for f in self.originals)
-            step.mlp_bytes += self.full_bytes
+            step.mlp_bytes.add(self.full_bytes)
         elif sparse:
             channels = torch.topk(flat.abs(), widest, dim=-1).indices  # (R, widest), largest first
             fused = ops.sparse_linear(flat, self.weight_t, channels, counts, self.bias)
             results = tuple(y.reshape(*lead, y.shape[-1]) for y in fused.split(self.widths, dim=-1))
-            step.mlp_bytes += counts.to(torch.float64) * self.row_bytes + (self.full_bytes - self.width * self.row_bytes)
+            rest = self.full_bytes - self.width * self.row_bytes  # biases
+            if step.host is not None:
+                step.mlp_bytes.add([c * self.row_bytes + rest for c in host_counts])
+            else:
+                step.mlp_bytes.add(counts * self.row_bytes + rest)
         else:
+            if counts is None:
+                counts = self.counts(x.device)[step.mlp_index]
             magnitude = flat.abs()
             top = torch.topk(magnitude, widest, dim=-1).values  # (R, widest), descending
             threshold = top.gather(-1, (counts - 1).clamp(min=0).unsqueeze(-1))
             threshold = torch.where(counts.unsqueeze(-1) >= self.width, -1.0, threshold)
             pruned = torch.where(magnitude >= threshold, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
             results = tuple(f(pruned.view_as(x)) for f in self.originals)
-            step.mlp_bytes += self.full_bytes
+            step.mlp_bytes.add(self.full_bytes)
         self._last_input, self._last_outputs = x, results
         return results
 

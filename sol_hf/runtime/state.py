@@ -14,7 +14,41 @@ import torch
 
 from ..config import SolConfig
 
-__all__ = ["HostPlan", "StepState", "Runtime"]
+__all__ = ["ByteCounter", "HostPlan", "StepState", "Runtime"]
+
+
+class ByteCounter:
+    """Bytes read per row during one forward call, added layer by layer.
+
+    A read every row makes alike is a Python float (no op); per-row reads are a host list (for
+    host-planned steps, whose sizes are on the host anyway) or a device tensor (no host sync).
+    :meth:`total` combines them once per step.
+    """
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.common = 0.0
+        self.host: list[float] | None = None
+        self.device: torch.Tensor | None = None
+
+    def add(self, value) -> None:
+        """``value``: a float (every row), a list of R floats, or an (R,) tensor."""
+        if isinstance(value, torch.Tensor):
+            value = value.to(torch.float64)
+            self.device = value.clone() if self.device is None else self.device + value
+        elif isinstance(value, (list, tuple)):
+            self.host = list(value) if self.host is None else [a + b for a, b in zip(self.host, value)]
+        else:
+            self.common += float(value)
+
+    def total(self, device: torch.device) -> torch.Tensor:
+        """(R,) float64 on ``device``."""
+        out = torch.full((self.rows,), self.common, dtype=torch.float64, device=device)
+        if self.host is not None:
+            out = out + torch.tensor(self.host, dtype=torch.float64, device=device)
+        if self.device is not None:
+            out = out + self.device
+        return out
 
 
 @dataclass(frozen=True)
@@ -52,8 +86,8 @@ class StepState:
         host: host copies of the actions (CPU), or ``None`` (Triton: sizes stay on the device).
         decode: one query per row (a decode step): the executed paths run. Teacher-forced calls
             with several positions per row run the masked reference ops instead.
-        mlp_bytes: (R,) float64, MLP weight bytes the executed projections read (added per layer).
-        kv_bytes: (R,) float64, K/V + page-metadata bytes attention read (added per layer).
+        mlp_bytes: MLP weight bytes the executed projections read, per row (added per layer).
+        kv_bytes: K/V + page-metadata bytes attention read, per row (added per layer).
         left_padding: (B,) int64 padding tokens before each row's first token, or ``None``.
         total_length: tokens in the (padded) sequence so far, the current ones included.
         cache: the KV cache of the call (a :class:`~sol_hf.cache.PageBoundsLayer` in it supplies
@@ -67,8 +101,8 @@ class StepState:
     config: SolConfig
     host: HostPlan | None = None
     decode: bool = True
-    mlp_bytes: torch.Tensor | None = None
-    kv_bytes: torch.Tensor | None = None
+    mlp_bytes: ByteCounter | None = None
+    kv_bytes: ByteCounter | None = None
     left_padding: torch.Tensor | None = None
     total_length: int = 0
     cache: Any = None
@@ -76,11 +110,10 @@ class StepState:
 
     def __post_init__(self) -> None:
         rows = self.attention_keep.shape[0]
-        zeros = lambda: torch.zeros(rows, dtype=torch.float64, device=self.attention_keep.device)  # noqa: E731
         if self.mlp_bytes is None:
-            self.mlp_bytes = zeros()
+            self.mlp_bytes = ByteCounter(rows)
         if self.kv_bytes is None:
-            self.kv_bytes = zeros()
+            self.kv_bytes = ByteCounter(rows)
 
 
 class Runtime:

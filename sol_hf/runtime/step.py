@@ -50,6 +50,7 @@ class ControlledStep:
         self.observation: PolicyObservation | None = None
         self.lengths: torch.Tensor | None = None
         self.cost_table: torch.Tensor | None = None
+        self._tables: dict[str, torch.Tensor] | None = None
         zeros = lambda: torch.zeros(rows, dtype=torch.float64, device=device)  # noqa: E731
         self.nominal_spent, self.executed_spent, self.kv_read, self.kv_dense = zeros(), zeros(), zeros(), zeros()
         controller.reset()
@@ -73,7 +74,7 @@ class ControlledStep:
         model = self.model
         uses_policy = self.controller.uses_policy
         self.lengths = lengths
-        self.cost_table = model.cost_model.cost_table(lengths, uses_policy)
+        self.cost_table = self._per_step(lengths)["cost"]
         confidence = lm_confidence_features(last_logits, tokens) if self.controller.needs_lm_confidence else None
         observation = None
         if uses_policy:
@@ -110,27 +111,56 @@ class ControlledStep:
         uses_policy = self.controller.uses_policy
         pick = lambda table: table.gather(-1, actions.unsqueeze(-1)).squeeze(-1).double()  # noqa: E731
         standalone = pick(self.cost_table)
-        nominal = pick(cost_model.nominal_cost_table(lengths, uses_policy))
-        dense = cost_model.dense_bytes(lengths)
+        tables = self._per_step(lengths)
+        nominal = pick(tables["nominal"])
+        dense = tables["dense"]
         if self.count_executed:
-            read = cost_model.bytes.fixed + step.mlp_bytes + step.kv_bytes
+            kv_bytes = step.kv_bytes.total(dense.device)
+            read = cost_model.bytes.fixed + step.mlp_bytes.total(dense.device) + kv_bytes
             if not cost_model.bytes.prune_intermediate:  # the output projections ran dense, unpatched
                 read = read + cost_model.bytes.mlp_output
             executed = (read + (cost_model.bytes.policy if uses_policy else 0.0)) / dense
-            self.kv_read += step.kv_bytes
+            self.kv_read += kv_bytes
         else:
             executed = standalone
             self.kv_read += cost_model.predicted_kv_bytes(step.attention_keep, lengths)
         if uses_policy and self.dense_rows is not None:  # dense rows did not need the policy
             policy = cost_model.bytes.policy / dense
             standalone, nominal, executed = (torch.where(self.dense_rows, c - policy, c) for c in (standalone, nominal, executed))
-        self.kv_dense += cost_model.dense_kv_bytes(lengths)
+        self.kv_dense += tables["dense_kv"]
         self.nominal_spent += nominal
         self.executed_spent += executed
         values = model.space.values(actions)
         self.tracker.update(standalone, values["attention_keep"], values["mlp_keep"], values["bits"])
         self.previous_action = actions
         return standalone.float()
+
+    def _per_step(self, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This step's cost tables: (B, N) cost and nominal cost, (B,) dense and dense K/V bytes.
+
+        A row's valid length grows by one token per step, so the tables of all ``max_steps``
+        steps are computed at the first step, in one batch of ops, from its ``lengths``; later
+        steps index them. Steps past ``max_steps`` compute their own.
+        """
+        step = self.tracker.steps
+        if self._tables is None or step >= self._tables["cost"].shape[1]:
+            if self._tables is None and step == 0:
+                grid = lengths.unsqueeze(-1) + torch.arange(self.tracker.max_steps, device=lengths.device)  # (B, T)
+            else:
+                grid = lengths.unsqueeze(-1)
+            cost_model = self.model.cost_model
+            uses_policy = self.controller.uses_policy
+            tables = {
+                "cost": cost_model.cost_table(grid, uses_policy),
+                "nominal": cost_model.nominal_cost_table(grid, uses_policy),
+                "dense": cost_model.dense_bytes(grid),
+                "dense_kv": cost_model.dense_kv_bytes(grid),
+            }
+            if step == 0:
+                self._tables = tables
+            else:
+                return {name: table[:, 0] for name, table in tables.items()}
+        return {name: table[:, step] for name, table in self._tables.items()}
 
     def report(self) -> SolComputeReport:
         """Per-row means over the steps so far."""
