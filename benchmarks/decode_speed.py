@@ -120,6 +120,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budgets", type=float, nargs="*", help="default: 1.0 down to the lowest reachable in 5 steps")
     parser.add_argument("--prune-intermediate", action="store_true", help="SolConfig(prune_intermediate=True)")
+    parser.add_argument("--static-baseline", action="store_true",
+                        help="also time transformers' fastest dense decode: generate(cache_implementation='static'), "
+                             "which compiles the step with torch.compile (first call compiles: tens of seconds)")
     parser.add_argument("--output", help="also write the JSON here")
     parser.add_argument("--plot", help="write a PNG of time per token against executed cost here")
     args = parser.parse_args()
@@ -134,6 +137,8 @@ def main() -> None:
     budgets = args.budgets or [round(1.0 - i * (1.0 - low) / 4, 3) for i in range(5)]
     budgets = [max(b, round(low + 5e-4, 3)) for b in budgets]
     runs = {"base": lambda x, **k: base.generate(x, **k)}
+    if args.static_baseline:
+        runs["base_static_compiled"] = lambda x, **k: base.generate(x, cache_implementation="static", **k)
     for b in budgets:
         runs[f"budget_{b}"] = lambda x, _b=b, **k: wrapped.generate(x, compute_budget=_b, controller="uniform", **k)
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -144,7 +149,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, run in runs.items():
                 times[name].extend(decode_step_ms(run, ids, args.new_tokens, args.device))
-                if name != "base":
+                if name.startswith("budget_"):
                     report = wrapped.last_compute_report
                     reports[name] = {
                         "cost": 1.0 if report is None else round(float(report.cost.mean()), 4),
@@ -177,6 +182,8 @@ def main() -> None:
         "lowest_reachable_budget": round(low, 4),
         "prepared_weight_mib": round(wrapped.prepared_weight_bytes / 2**20, 1),
         "base_ms_per_token": round(base_ms, 3),
+        "base_static_compiled_ms_per_token": round(statistics.median(times["base_static_compiled"]), 3)
+        if args.static_baseline else None,
         "budgets": rows,
         "ms_per_token_quartiles": {k: [round(q, 3) for q in statistics.quantiles(v, n=4)] for k, v in times.items()},
         "samples_per_variant": len(times["base"]),

@@ -18,7 +18,7 @@ import torch
 
 from .config import SolConfig
 
-__all__ = ["ActionSpace", "StepBytes", "CostModel", "kept_count", "pages_wanted", "forced_page_count", "attention_runs_sparse",
+__all__ = ["ActionSpace", "StepBytes", "CostModel", "kept_count", "pages_wanted", "forced_page_count", "attention_runs_sparse", "sparse_linear_pays",
            "effective_attention_keep"]
 
 
@@ -118,16 +118,24 @@ class StepBytes:
     window: tuple[int, ...]
     policy: float = 0.0
 
-    def executed_mlp_bytes(self, keep: float, widths: tuple[int, ...], row_bytes: tuple[float, ...], full: float) -> float:
+    def executed_mlp_bytes(self, keep: float, widths: tuple[int, ...], row_bytes: tuple[float, ...], full: float,
+                           read_factor: float = 1.0) -> float:
         """Bytes the executed MLP path reads for one row at ``keep`` (host-side, once per level):
-        the kept rows of each layer's transposed weight, or the whole projection (biases
-        included) where every channel is kept."""
+        the kept rows of each layer's transposed weight where the sparse op is faster than the
+        dense projection (:func:`sparse_linear_pays`), else the whole projection (biases included)."""
         total = full
         for width, row in zip(widths, row_bytes):
             count = kept_count(keep, width)
-            if count < width:
+            if sparse_linear_pays(count, width, read_factor):
                 total -= (width - count) * row
         return total
+
+
+def sparse_linear_pays(rows_read: float, width: int, read_factor: float) -> bool:
+    """Whether reading ``rows_read`` kept weight rows with the sparse op is faster than reading all
+    ``width`` rows with the dense projection, on a backend whose sparse op costs ``read_factor``
+    times the dense op's time per byte (its measured bandwidth penalty)."""
+    return rows_read * read_factor < width
 
 
 def pages_wanted(keep: torch.Tensor, length: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -183,10 +191,14 @@ class CostModel:
     ``attention_overhead_bytes`` is the executing backend's fixed cost of the page-sparse
     attention path per layer call (its extra ops), in bytes: where the pages skipped would save
     less than that, attention runs dense and the attention action is credited nothing.
+    ``sparse_linear_read_factor`` is, per device type, the sparse MLP op's time per byte over the
+    dense projection's: where it would be slower than the dense projection, the masked dense
+    projection runs and the MLP action is credited nothing.
     """
 
     def __init__(self, space: ActionSpace, step_bytes: StepBytes, config: SolConfig,
-                 attention_overhead_bytes: dict[str, float] | None = None):
+                 attention_overhead_bytes: dict[str, float] | None = None,
+                 sparse_linear_read_factor: dict[str, float] | None = None):
         self.space = space
         self.bytes = step_bytes
         self.page_size = config.page_size
@@ -195,16 +207,12 @@ class CostModel:
         # Shared, not copied: the model's runtime reads the same dict, so one edit moves both.
         self.attention_overhead_bytes = attention_overhead_bytes if attention_overhead_bytes is not None else {}
         self._sparse_from: dict[tuple[str, float], float] = {}
+        self.sparse_linear_read_factor = sparse_linear_read_factor if sparse_linear_read_factor is not None else {}
         b = step_bytes
-        mlp_in = [b.executed_mlp_bytes(k, b.mlp_input_widths, b.mlp_input_row_bytes, b.mlp_input) for k in space.mlp_keep]
-        mlp_out = [
-            b.executed_mlp_bytes(k, b.mlp_output_widths, b.mlp_output_row_bytes, b.mlp_output) if b.prune_intermediate
-            else b.mlp_output for k in space.mlp_keep
-        ]
-        self._mlp_executed_levels = tuple(i + o for i, o in zip(mlp_in, mlp_out))
         self._mlp_nominal_levels = tuple(
             k * b.mlp_input + (k if b.prune_intermediate else 1.0) * b.mlp_output for k in space.mlp_keep
         )
+        self._mlp_executed: dict[tuple[torch.device, float], torch.Tensor] = {}
         self._device_tables: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -215,10 +223,27 @@ class CostModel:
             self._device_tables[device] = {
                 "kv": torch.tensor(self.bytes.kv_per_token, **f64),
                 "window": torch.tensor(self.bytes.window, **f64),
-                "mlp_executed": torch.tensor(self._mlp_executed_levels, **f64),
                 "mlp_nominal": torch.tensor(self._mlp_nominal_levels, **f64),
             }
         return self._device_tables[device]
+
+    def mlp_executed_bytes(self, device: torch.device) -> torch.Tensor:
+        """(levels,) float64 MLP weight bytes one row reads at each MLP keep level, as executed on
+        ``device``'s backend (see :meth:`StepBytes.executed_mlp_bytes`)."""
+        device = torch.device(device)
+        factor = self.sparse_linear_read_factor.get(device.type, 1.0)
+        if (device, factor) not in self._mlp_executed:
+            b = self.bytes
+            levels = []
+            for k in self.space.mlp_keep:
+                total = b.executed_mlp_bytes(k, b.mlp_input_widths, b.mlp_input_row_bytes, b.mlp_input, factor)
+                if b.prune_intermediate:
+                    total += b.executed_mlp_bytes(k, b.mlp_output_widths, b.mlp_output_row_bytes, b.mlp_output, factor)
+                else:
+                    total += b.mlp_output
+                levels.append(total)
+            self._mlp_executed[(device, factor)] = torch.tensor(levels, dtype=torch.float64, device=device)
+        return self._mlp_executed[(device, factor)]
 
     def overhead_tokens(self, device: torch.device) -> torch.Tensor:
         """(L,) the backend's sparse-attention overhead per layer in units of one token's K+V."""
@@ -297,7 +322,8 @@ class CostModel:
         t = self.space.tables(context_length.device)
         length = context_length.unsqueeze(-1)  # (..., 1)
         kv_bytes = self._kv_bytes(t["attention_keep"], length.expand(*context_length.shape, self.space.num_actions), executed)
-        mlp = self._tables(context_length.device)["mlp_executed" if executed else "mlp_nominal"][t["mlp_index"]]
+        levels = self.mlp_executed_bytes(context_length.device) if executed else self._tables(context_length.device)["mlp_nominal"]
+        mlp = levels[t["mlp_index"]]
         total = self.bytes.fixed + mlp + kv_bytes + (self.bytes.policy if with_policy else 0.0)
         return (total / self.dense_bytes(length)).to(torch.float32)
 
@@ -310,11 +336,6 @@ class CostModel:
         """(...,) -> (..., N) the nominal cost fraction: what an ideal kernel would read (keep
         fraction x weight bytes, the pages selected plus their metadata), whatever executes."""
         return self._table(context_length, with_policy, executed=False)
-
-    def executed_weight_bytes(self, mlp_index: torch.Tensor) -> torch.Tensor:
-        """(...,) MLP keep-level indices -> (...,) float64 weight bytes of one row's step decoded
-        alone (fixed + executed MLP), without KV and policy."""
-        return self.bytes.fixed + self._tables(mlp_index.device)["mlp_executed"][mlp_index]
 
     def cheapest_cost(self, context_length: int, with_policy: bool = False, device: torch.device | str = "cpu") -> float:
         """Host-side: the lowest reachable cost fraction at ``context_length`` tokens on ``device``'s backend."""

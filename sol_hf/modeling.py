@@ -43,7 +43,7 @@ from .policy import (
 )
 from .runtime.accounting import SolComputeReport, measure_step_bytes
 from .runtime.attention import ATTENTION_NAMES, SPARSE_ATTENTION_OVERHEAD_BYTES
-from .runtime.mlp import MlpExecutor
+from .runtime.mlp import SPARSE_LINEAR_READ_FACTOR, MlpExecutor
 from .runtime.state import Runtime, StepState
 from .runtime.step import ControlledStep, host_plan
 
@@ -121,6 +121,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         self.cost_model = CostModel(
             self.space, measure_step_bytes(base_model, self.adapter, config, policy.num_bytes()), config,
             attention_overhead_bytes=dict(SPARSE_ATTENTION_OVERHEAD_BYTES),
+            sparse_linear_read_factor=dict(SPARSE_LINEAR_READ_FACTOR),
         )
         self.last_compute_report: SolComputeReport | None = None
         self._wrap()
@@ -157,6 +158,14 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         save more than this plus the page metadata; the cost model and the runtime both read
         this dict, so editing it (e.g. after measuring your machine) moves both."""
         return self.cost_model.attention_overhead_bytes
+
+    @property
+    def sparse_linear_read_factor(self) -> dict[str, float]:
+        """Per device type, the sparse MLP op's time per byte over the dense projection's. The
+        sparse op runs only where it is faster (kept rows x factor < all rows); elsewhere the
+        dense projection runs on the pruned input and the MLP action is credited nothing. Shared
+        by the cost model and the runtime, like :attr:`attention_overhead_bytes`."""
+        return self.cost_model.sparse_linear_read_factor
 
     @property
     def prepared_weight_bytes(self) -> int:

@@ -223,3 +223,27 @@ def test_page_attention_gather_matches_naive_and_skips_unselected_pages(mode, so
     got = page_attention_gather(q, k_bad, v_bad, ids, count, valid, 8, 0.25, softcap)
     assert not got.isnan().any()
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@requires_triton
+def test_kernels_are_custom_ops_that_compile_in_one_graph():
+    """The dispatchers reach the kernels through torch.ops.sol_hf.*: their schemas and fake
+    implementations pass torch.library.opcheck, and a function calling them compiles with
+    fullgraph=True (no graph break) to the same result."""
+    q, k, v, valid = make_inputs(2, 2, 2, 40, 16, torch.float32)
+    ids, count = page_selection("rowdiff", 2, 2, 3)
+    args = (q, k, v, ids, count, valid, 16, 0.25, None)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.sol_hf.page_attention.default, args, test_utils=checks)
+    mn, mx = page_key_bounds_naive(k, valid, 16)
+    torch.library.opcheck(torch.ops.sol_hf.quest_page_scores.default, (q, mn, mx), test_utils=checks)
+
+    def step(q, k, v, ids, count, valid, mn, mx):
+        scores = quest_page_scores(q, mn, mx, backend="triton")
+        return page_attention(q, k, v, ids, count, valid, 16, 0.25, backend="triton"), scores
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got, got_scores = compiled(q, k, v, ids, count, valid, mn, mx)
+    want, want_scores = step(q, k, v, ids, count, valid, mn, mx)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_scores, want_scores)

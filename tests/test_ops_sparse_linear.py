@@ -160,3 +160,12 @@ def test_sparse_linear_rows_matches_naive_and_reads_only_kept_rows(dtype, bias, 
     finally:
         torch.nn.functional.embedding_bag = real
     assert seen == [int(partial.sum()) * 40]
+
+
+@requires_triton
+def test_sparse_linear_kernel_is_a_custom_op_that_compiles_in_one_graph():
+    x, weight, b = make(3, 64, 48, torch.float32)
+    args = (x, prepare_sparse_weight(weight), topk_channels(x), counts("rowdiff", 3, 64), b)
+    torch.library.opcheck(torch.ops.sol_hf.sparse_linear.default, args, test_utils=("test_schema", "test_faketensor"))
+    compiled = torch.compile(lambda *a: sparse_linear(*a, backend="triton"), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), sparse_linear(*args, backend="triton"))

@@ -25,3 +25,6 @@ from .sparse_linear import (
     topk_channel_mask,
     topk_channels,
 )
+
+if HAS_TRITON:  # the kernels as torch.ops.sol_hf.* custom ops, which the dispatchers call
+    from . import _library  # noqa: F401

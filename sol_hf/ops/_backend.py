@@ -55,8 +55,13 @@ def _check_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+# Read once, as Triton itself does when it decorates the kernels at import time.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the kernels were defined for Triton's CPU interpreter."""
+    return _INTERPRETING
 
 
 def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:

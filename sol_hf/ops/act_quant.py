@@ -103,5 +103,5 @@ def fake_quantize(x: torch.Tensor, bits: torch.Tensor, *, backend: str | None = 
     :func:`fake_quantize_naive`; ``backend`` = "auto" | "torch" | "triton" (None: the default set
     by ``sol_hf.ops.set_backend``)."""
     if use_triton(backend, x):
-        return fake_quantize_triton(x, bits)
+        return torch.ops.sol_hf.fake_quantize(x, bits)
     return fake_quantize_naive(x, bits)

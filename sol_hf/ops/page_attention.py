@@ -488,7 +488,7 @@ def quest_page_scores(
     """Dispatcher: :func:`quest_page_scores_triton` on CUDA tensors when Triton imports, else
     :func:`quest_page_scores_naive`; ``backend`` = "auto" | "torch" | "triton"."""
     if use_triton(backend, query, page_min, page_max):
-        return quest_page_scores_triton(query, page_min, page_max)
+        return torch.ops.sol_hf.quest_page_scores(query, page_min, page_max)
     return quest_page_scores_naive(query, page_min, page_max)
 
 
@@ -501,5 +501,5 @@ def page_attention(
     reference is :func:`page_attention_naive`."""
     forced = (backend or get_backend()) == "triton"
     if use_triton(backend, query, key, value) and (forced or query.shape[-1] <= 256):
-        return page_attention_triton(query, key, value, page_ids, page_count, valid, page_size, scaling, softcap)
+        return torch.ops.sol_hf.page_attention(query, key, value, page_ids, page_count, valid, page_size, scaling, softcap)
     return page_attention_gather(query, key, value, page_ids, page_count, valid, page_size, scaling, softcap)

@@ -260,5 +260,5 @@ def sparse_linear(x, weight_t, channel_idx, channel_count, bias=None, *, backend
     if use_triton(backend, x, weight_t):
         if channel_count is None:
             channel_count = torch.full((x.shape[0],), channel_idx.shape[1], dtype=torch.long, device=x.device)
-        return sparse_linear_triton(x, weight_t, channel_idx, channel_count, bias)
+        return torch.ops.sol_hf.sparse_linear(x, weight_t, channel_idx, channel_count, bias)
     return sparse_linear_rows(x, weight_t, channel_idx, channel_count, bias)

@@ -169,10 +169,8 @@ def sparse_decode_attention(
     page_ids, page_count = ops.select_pages(scores, pages_to_keep, forced, page_valid)
     if reference:
         out = ops.page_attention_naive(query, key, value, page_ids, page_count, valid, page, scaling, softcap)
-    elif ops.use_triton(None, query, key, value):
-        out = ops.page_attention_triton(query, key, value, page_ids, page_count, valid, page, scaling, softcap)
-    else:
-        out = ops.page_attention_gather(query, key, value, page_ids, page_count, valid, page, scaling, softcap)
+    else:  # the gather of the selected pages on CPU, the Triton kernel on CUDA
+        out = ops.page_attention(query, key, value, page_ids, page_count, valid, page, scaling, softcap)
     return out, page_count
 
 

@@ -15,8 +15,9 @@ by the bytes they read:
 * **sparse**: ``ops.sparse_linear`` reads, for each row, only the weight rows of its kept
   channels (``embedding_bag`` on CPU, the Triton kernel on CUDA). Rows do not share reads, so
   a batch reads ``sum_r count_r`` rows.
-* **masked dense**: where that sum reaches ``Din`` (large batches), zeroing the dropped channels
-  and running the dense projection reads fewer bytes: the whole weight once.
+* **masked dense**: where that is slower than reading the whole weight once (the rows' kept
+  channels add up to about ``Din`` or more, given the sparse op's time per byte on this backend,
+  ``SPARSE_LINEAR_READ_FACTOR``), the dropped channels are zeroed and the dense projection runs.
 
 Either way the result is the same function of the input (up to float summation order).
 Teacher-forced calls (several positions per row, ``StepState.decode`` false) always take the
@@ -34,10 +35,18 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..actions import kept_count
+from ..actions import kept_count, sparse_linear_pays
 from .state import Runtime, StepState
 
-__all__ = ["MlpExecutor", "quantize_output_hook", "projection_widths"]
+__all__ = ["MlpExecutor", "quantize_output_hook", "projection_widths", "SPARSE_LINEAR_READ_FACTOR"]
+
+# The sparse MLP op's time per byte over the dense projection's, per device type. CPU: torch's
+# embedding_bag reads kept rows at about 0.75 of F.linear's bandwidth (measured on this project's
+# 2-core machine, fp32 and bf16, 2048 x 16384: keep 0.4 / 0.6 / 0.8 took 0.50 / 0.72 / 1.04 of the
+# dense time in fp32, 0.62 / 1.03 / 1.43 in bf16), so keeps above about 0.7 run the masked dense
+# projection instead. CUDA: the Triton kernel is built to read at the dense GEMV's bandwidth
+# (not measured yet; a Triton step picks its path without host reads and uses 1.0).
+SPARSE_LINEAR_READ_FACTOR = {"cpu": 1.35, "cuda": 1.0}
 
 
 def _transposed_weight(module: nn.Module) -> torch.Tensor:
@@ -108,7 +117,8 @@ class _PrunedProjections:
             host_counts = [self.counts_host[i] for i in step.host.mlp_index]
             widest = max(host_counts)
             all_kept = min(host_counts) >= self.width
-            sparse = step.decode and sum(host_counts) < self.width
+            factor = self.runtime.cost_model.sparse_linear_read_factor.get(x.device.type, 1.0)
+            sparse = step.decode and sparse_linear_pays(sum(host_counts), self.width, factor)
         else:  # Triton reads the counts on the device: one row at a time pays, no host sync
             widest, all_kept, sparse = self.width, False, step.decode and rows == 1
         lead = x.shape[:-1]
@@ -140,6 +150,7 @@ class _PrunedProjections:
         return results
 
     def install(self, runtime: Runtime) -> None:
+        self.runtime = runtime
         for position, (module, original) in enumerate(zip(self.projections, self.originals)):
             def forward(x, *args, _position=position, _original=original, **kwargs):
                 step = runtime.step
