@@ -18,7 +18,7 @@ import torch
 
 from .config import SolConfig
 
-__all__ = ["ActionSpace", "StepBytes", "CostModel", "kept_count", "pages_wanted", "forced_page_count", "attention_runs_sparse", "sparse_linear_pays",
+__all__ = ["ActionSpace", "StepBytes", "CostModel", "kept_count", "pages_wanted", "forced_page_count", "attention_runs_sparse", "sparse_linear_pays", "read_factor",
            "effective_attention_keep"]
 
 
@@ -104,6 +104,7 @@ class StepBytes:
         kv_per_token: per layer, bytes of one token's K and V.
         window: per layer, the sliding window (``0`` for full attention).
         policy: the policy's parameter bytes (read once per step when a policy decides).
+        weight_dtype: dtype of the MLP weights (the sparse op's speed depends on it).
     """
 
     fixed: float
@@ -117,6 +118,7 @@ class StepBytes:
     kv_per_token: tuple[float, ...]
     window: tuple[int, ...]
     policy: float = 0.0
+    weight_dtype: str = "float32"
 
     def executed_mlp_bytes(self, keep: float, widths: tuple[int, ...], row_bytes: tuple[float, ...], full: float,
                            read_factor: float = 1.0) -> float:
@@ -129,6 +131,13 @@ class StepBytes:
             if sparse_linear_pays(count, width, read_factor):
                 total -= (width - count) * row
         return total
+
+
+def read_factor(factors: dict[str, float], device_type: str, dtype: torch.dtype | str) -> float:
+    """The entry of ``factors`` for ``device_type`` and the weights' ``dtype`` (``"cpu:bfloat16"``),
+    else for the device type alone (``"cpu"``), else 1.0."""
+    name = str(dtype).removeprefix("torch.")
+    return factors.get(f"{device_type}:{name}", factors.get(device_type, 1.0))
 
 
 def sparse_linear_pays(rows_read: float, width: int, read_factor: float) -> bool:
@@ -231,7 +240,7 @@ class CostModel:
         """(levels,) float64 MLP weight bytes one row reads at each MLP keep level, as executed on
         ``device``'s backend (see :meth:`StepBytes.executed_mlp_bytes`)."""
         device = torch.device(device)
-        factor = self.sparse_linear_read_factor.get(device.type, 1.0)
+        factor = read_factor(self.sparse_linear_read_factor, device.type, self.bytes.weight_dtype)
         if (device, factor) not in self._mlp_executed:
             b = self.bytes
             levels = []

@@ -311,10 +311,11 @@ class UniformController(Controller):
 
     A float budget walks a ladder of actions that reduce attention and MLP keep together
     (both axes at the grid level nearest above a common fraction, 16 bits), and alternates the
-    two ladder actions around the target so the running mean cost lands on it. A rung whose
-    attention sparsity would not save bytes at the row's context length (short contexts, where
-    Quest's page metadata outweighs the skipped pages) keeps attention dense instead. Per-axis
-    budgets do the same on each axis with its own levels.
+    two ladder actions around the target so the running mean cost lands on it. Where a denser
+    action costs no more at the row's context length on this backend (attention sparsity that
+    would not save bytes at short contexts; an MLP keep whose sparse op is slower than the dense
+    projection), the densest such action stands in for the rung. Per-axis budgets do the same on
+    each axis with its own levels.
     """
 
     name = "uniform"
@@ -328,12 +329,17 @@ class UniformController(Controller):
             m = min(v for v in space.mlp_keep if v >= s - 1e-9)
             ladder.add(space.index_of(a, m, 16))
         self.ladder = sorted(ladder)
-        # Each ladder action's twin with dense attention: used instead where reading fewer KV
-        # pages (plus Quest's page metadata) would not save bytes at the row's context length.
-        self.dense_attention_twin = [
-            space.index_of(1.0, space.mlp_keep[space.axis_indices_host(a)[1]], space.bits[space.axis_indices_host(a)[2]])
-            for a in self.ladder
-        ]
+        # Each rung's denser stand-ins: the 16-bit actions that keep at least as much on both axes.
+        # Where one of them costs no more on this backend at the row's context length (attention
+        # sparsity that would not save bytes at short contexts; an MLP keep whose sparse op would
+        # be slower than the dense projection), the densest such action is played instead.
+        self.stand_ins = []
+        for rung in self.ladder:
+            ia, im, _ = space.axis_indices_host(rung)
+            denser = [
+                space.index_of(a, m, 16) for a in space.attention_keep[ia:] for m in space.mlp_keep[im:]
+            ]
+            self.stand_ins.append(sorted(denser, key=lambda i: -sum(space.axis_indices_host(i)[:2])))
         self._on_device: dict[torch.device, tuple] = {}
 
     def _pick(self, values: torch.Tensor, requirement: torch.Tensor) -> torch.Tensor:
@@ -345,22 +351,25 @@ class UniformController(Controller):
         return torch.where(fits.any(-1), best_fit, smallest)
 
     def _device_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Ladder, dense-attention twins and per-axis level grids on ``device``, built once (a
-        host-to-device copy per step would sync on CUDA)."""
+        """Ladder (K,), stand-ins (K, M) densest first (padded with the rung itself) and per-axis
+        level grids on ``device``, built once (a host-to-device copy per step would sync on CUDA)."""
         if device not in self._on_device:
             bits = [b / 16 for b in self.space.bits]
+            width = max(len(s) for s in self.stand_ins)
+            padded = [s + [s[-1]] * (width - len(s)) for s in self.stand_ins]
             self._on_device[device] = (
                 torch.tensor(self.ladder, device=device),
-                torch.tensor(self.dense_attention_twin, device=device),
+                torch.tensor(padded, device=device),
                 [torch.tensor(levels, device=device) for levels in (self.space.attention_keep, self.space.mlp_keep, bits)],
             )
         return self._on_device[device]
 
     def decide(self, ctx: DecisionContext) -> torch.Tensor:
         device = ctx.cost_table.device
-        ladder, twin, grids = self._device_tables(device)
-        cheaper_twin = ctx.cost_table[:, twin] <= ctx.cost_table[:, ladder]  # (B, K)
-        rungs = torch.where(cheaper_twin, twin, ladder)  # (B, K) per-row ladder
+        ladder, stand_ins, grids = self._device_tables(device)
+        rung_cost = ctx.cost_table[:, ladder].unsqueeze(-1)  # (B, K, 1)
+        no_dearer = ctx.cost_table[:, stand_ins] <= rung_cost + 1e-6  # (B, K, M), densest first
+        rungs = stand_ins.expand(ctx.cost_table.shape[0], -1, -1).gather(-1, no_dearer.int().argmax(-1, keepdim=True)).squeeze(-1)
         by_cost = rungs.gather(-1, self._pick(ctx.cost_table.gather(-1, rungs), ctx.requirement[:, 0]).unsqueeze(-1)).squeeze(-1)
         index = []
         for col, levels in zip((1, 2, 3), grids):

@@ -1,5 +1,6 @@
 """SolForCausalLM against the base model, brute-force definitions and numbers worked out by hand."""
 
+import copy
 import itertools
 import math
 import sys
@@ -354,6 +355,34 @@ def test_report_counts_the_bytes_the_executed_ops_read(backend, monkeypatch):
     assert report.cost.item() == pytest.approx(float(expected), rel=0.02)
     assert report.cost.item() == pytest.approx(report.standalone_cost.item(), rel=0.02)
     assert report.cost.item() < report.nominal_cost.item() + 0.05
+
+
+def test_mlp_keeps_whose_sparse_op_would_be_slower_run_dense_and_are_credited_nothing(monkeypatch):
+    """Hidden 64: keeps 0.6 / 0.8 keep 39 / 52 channels. At the CPU read factor 1.35, reading 52
+    rows sparsely is slower than 64 densely, so keep 0.8 runs the masked dense projection and
+    costs what dense costs; keep 0.6 runs the sparse op. Factor 1.0: both run sparse."""
+    model = SolForCausalLM(tiny_model("llama"), SMALL)
+    assert model.sparse_linear_read_factor["cpu"] == pytest.approx(1.35)
+    calls = []
+    real = torch.nn.functional.embedding_bag
+    monkeypatch.setattr(torch.nn.functional, "embedding_bag", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = _ids(1, 40)
+    prefix = model(ids[:, :39], use_cache=True)
+
+    def run(keep):
+        calls.clear()
+        action = model.space.index_of(1.0, keep, 16)
+        out = model(ids[:, 39:], cache=copy.deepcopy(prefix.cache), actions=torch.tensor([[action]]))
+        return len(calls), out.step_cost.item()
+
+    dense_cost = model.cost_model.cost_table(torch.tensor([40]), False)[0, model.space.dense_index].item()
+    n, cost = run(0.8)
+    assert n == 0 and cost == pytest.approx(dense_cost)
+    n, cost = run(0.6)
+    assert n == 2 and cost < dense_cost  # one sparse op per layer, gate and up fused
+    model.sparse_linear_read_factor["cpu"] = 1.0
+    n, cost = run(0.8)
+    assert n == 2 and cost < dense_cost
 
 
 @pytest.mark.parametrize("target", [0.55, 0.7, 0.9])

@@ -1,5 +1,5 @@
 """Backend selection shared by the ops: Triton when available and the tensors are on CUDA, the
-torch reference elsewhere. Triton is optional: without it every op uses its ``*_naive`` twin.
+torch path elsewhere. Triton is optional: without it every op uses its torch path.
 
 Tests force Triton on CPU with ``TRITON_INTERPRET=1`` (set before importing ``sol_hf.ops``) and
 ``set_backend("triton")`` or ``backend="triton"`` on a single call.

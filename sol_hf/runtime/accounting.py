@@ -67,6 +67,7 @@ def measure_step_bytes(base: PreTrainedModel, adapter: ModelAdapter, config: Sol
         kv_per_token=(float(2 * kv_heads * head_dim * element),) * n_layers,
         window=window,
         policy=float(policy_bytes),
+        weight_dtype=str(inputs[0].weight.dtype).removeprefix("torch."),  # the last layer's, as every layer's
     )
 
 

@@ -35,18 +35,21 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..actions import kept_count, sparse_linear_pays
+from ..actions import kept_count, read_factor, sparse_linear_pays
 from .state import Runtime, StepState
 
 __all__ = ["MlpExecutor", "quantize_output_hook", "projection_widths", "SPARSE_LINEAR_READ_FACTOR"]
 
-# The sparse MLP op's time per byte over the dense projection's, per device type. CPU: torch's
-# embedding_bag reads kept rows at about 0.75 of F.linear's bandwidth (measured on this project's
-# 2-core machine, fp32 and bf16, 2048 x 16384: keep 0.4 / 0.6 / 0.8 took 0.50 / 0.72 / 1.04 of the
-# dense time in fp32, 0.62 / 1.03 / 1.43 in bf16), so keeps above about 0.7 run the masked dense
-# projection instead. CUDA: the Triton kernel is built to read at the dense GEMV's bandwidth
-# (not measured yet; a Triton step picks its path without host reads and uses 1.0).
-SPARSE_LINEAR_READ_FACTOR = {"cpu": 1.35, "cuda": 1.0}
+# The sparse MLP op's time per byte over the dense projection's, per device type, optionally per
+# weight dtype ("cpu:bfloat16"). CPU: torch's embedding_bag reads kept rows more slowly than
+# F.linear reads the whole weight (benchmarks/sparse_linear_cpu.py on this project's 2-core
+# machine, 2048 x 16384, one row: keep 0.4 / 0.6 / 0.8 took 0.50 / 0.72 / 1.04 of the dense time in
+# fp32 and 0.62 / 1.03 / 1.43 in bf16; inside a bf16 Llama-1B-shaped layer keep 0.4 took 0.69), so
+# higher keeps run the masked dense projection instead. CUDA: the Triton kernel is built to read
+# at the dense GEMV's bandwidth (not measured yet; a Triton step picks its path without host
+# reads and uses 1.0).
+SPARSE_LINEAR_READ_FACTOR = {"cpu": 1.35, "cpu:bfloat16": 1.75, "cpu:float16": 1.75, "cuda": 1.0}
+
 
 
 def _transposed_weight(module: nn.Module) -> torch.Tensor:
@@ -95,6 +98,7 @@ class _PrunedProjections:
         self.counts_host = tuple(kept_count(k, self.width) for k in levels)
         self._counts: dict[torch.device, torch.Tensor] = {}
         self._last_input: torch.Tensor | None = None
+        self._last_step: StepState | None = None
         self._last_outputs: tuple[torch.Tensor, ...] = ()
         # Copies made for the layout (a Conv1D weight is used as it is, no copy).
         shares = len(projections) == 1 and self.weight_t.data_ptr() == projections[0].weight.data_ptr()
@@ -109,15 +113,15 @@ class _PrunedProjections:
     def outputs(self, x: torch.Tensor, step: StepState) -> tuple[torch.Tensor, ...]:
         """Every projection's output for input ``x`` (..., Din) under the step's actions; computed
         once per input (the projections of a gated MLP share it)."""
-        if x is self._last_input:
+        if x is self._last_input and step is self._last_step:
             return self._last_outputs
         flat = x.reshape(-1, self.width)
         rows = flat.shape[0]
-        if step.host is not None:  # sizes known on the host: pick the path that reads fewer bytes
+        if step.host is not None:  # sizes known on the host: pick the faster path
             host_counts = [self.counts_host[i] for i in step.host.mlp_index]
             widest = max(host_counts)
             all_kept = min(host_counts) >= self.width
-            factor = self.runtime.cost_model.sparse_linear_read_factor.get(x.device.type, 1.0)
+            factor = read_factor(self.runtime.cost_model.sparse_linear_read_factor, x.device.type, self.weight_t.dtype)
             sparse = step.decode and sparse_linear_pays(sum(host_counts), self.width, factor)
         else:  # Triton reads the counts on the device: one row at a time pays, no host sync
             widest, all_kept, sparse = self.width, False, step.decode and rows == 1
@@ -146,7 +150,7 @@ class _PrunedProjections:
             pruned = torch.where(magnitude >= threshold, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
             results = tuple(f(pruned.view_as(x)) for f in self.originals)
             step.mlp_bytes.add(self.full_bytes)
-        self._last_input, self._last_outputs = x, results
+        self._last_input, self._last_step, self._last_outputs = x, step, results
         return results
 
     def install(self, runtime: Runtime) -> None:
@@ -163,7 +167,7 @@ class _PrunedProjections:
     def remove(self) -> None:
         for module in self.projections:
             module.__dict__.pop("forward", None)
-        self._last_input, self._last_outputs = None, ()
+        self._last_input, self._last_step, self._last_outputs = None, None, ()
         self.weight_t = self.bias = None
         self._counts.clear()
 
