@@ -114,7 +114,6 @@ def run_episodes(
         position = context_length + t
         tokens = windows[:, position]
         lengths = torch.full((windows.shape[0],), position + 1, device=device)
-        previous = session.previous_action
         actions = session.decide(tokens, lengths, hidden, previous_logits)
         step = session.state(actions.unsqueeze(1), cache=cache)
         out, hidden = model._controlled_forward(step, input_ids=tokens.unsqueeze(1), cache=cache, use_cache=True)

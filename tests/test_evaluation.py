@@ -234,6 +234,7 @@ def test_statistics_by_hand():
     assert gap_closed(11.0, 12.0, 10.0) == pytest.approx(0.5)
     assert gap_closed(12.5, 12.0, 10.0) == pytest.approx(-0.25)
     assert gap_closed(11.0, 10.0, 10.0) is None
+    assert gap_closed(13.3, 12.554 + 1e-9, 12.554) is None  # a baseline that ran dense, up to float rounding
 
 
 def test_schedule_controller_replays_a_schedule_exactly(pair):

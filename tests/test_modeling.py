@@ -312,7 +312,6 @@ def test_report_counts_the_bytes_the_executed_ops_read(backend, monkeypatch):
     model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
     model.attention_overhead_bytes["cpu"] = 0.0
     cm = model.cost_model
-    page = WIDE_CONFIG.page_size
     read = {"mlp": 0.0, "kv": 0.0}
     token_bytes = cm.bytes.kv_per_token[0]
 

@@ -62,8 +62,8 @@ def paired_comparison(candidate_nll: torch.Tensor, baseline_nll: torch.Tensor, i
 def gap_closed(candidate_ppl: float, baseline_ppl: float, dense_ppl: float) -> float | None:
     """Fraction of the baseline-to-dense perplexity gap the candidate closes (1 = as good as
     dense, 0 = no better than the baseline, < 0 = worse). ``None`` when the baseline is not
-    worse than dense (no gap to close)."""
+    worse than dense beyond float rounding (a baseline that ran dense actions: no gap to close)."""
     gap = baseline_ppl - dense_ppl
-    if gap <= 0:
+    if gap <= 1e-6 * abs(dense_ppl):
         return None
     return (baseline_ppl - candidate_ppl) / gap
