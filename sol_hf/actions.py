@@ -18,7 +18,7 @@ import torch
 
 from .config import SolConfig
 
-__all__ = ["ActionSpace", "StepBytes", "CostModel", "kept_count", "pages_wanted", "forced_page_count", "attention_runs_sparse", "sparse_linear_pays", "read_factor",
+__all__ = ["ActionSpace", "StepBytes", "CostModel", "kept_count", "pages_wanted", "forced_page_count", "attention_runs_sparse", "sparse_linear_pays", "read_factor", "page_read_tokens",
            "effective_attention_keep"]
 
 
@@ -176,6 +176,21 @@ def attention_runs_sparse(tokens_read, metadata_tokens, effective_length, overhe
     return tokens_read + metadata_tokens + overhead_tokens < effective_length
 
 
+def page_read_tokens(keep: torch.Tensor, length: torch.Tensor, page_size: int, sink_tokens: int,
+                     recent_tokens: int, quest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What page-sparse attention at ``keep`` reads of ``length`` valid tokens (broadcast), in
+    tokens' worth of K+V bytes, float64: the slots of the pages the selection reads (the wanted
+    pages, at least the forced ones, at most the valid ones; whole pages, capped at the valid
+    tokens) and the Quest page bounds (one K+V row per valid page; none for recency)."""
+    keep = keep.to(torch.float64)
+    length = length.to(torch.float64)
+    valid_pages = torch.ceil(length / page_size)
+    forced = forced_page_count(length, page_size, sink_tokens, recent_tokens)
+    pages = torch.minimum(torch.maximum(pages_wanted(keep, length, page_size), forced), valid_pages)
+    tokens = torch.minimum(pages * page_size, length)
+    return tokens, valid_pages if quest else torch.zeros_like(valid_pages)
+
+
 def effective_attention_keep(keep: torch.Tensor, length: torch.Tensor, page_size: int, sink_tokens: int,
                              recent_tokens: int, quest: bool, overhead_tokens) -> torch.Tensor:
     """The keep fraction attention executes for rows decoded alone: ``keep`` where page-sparse
@@ -183,13 +198,8 @@ def effective_attention_keep(keep: torch.Tensor, length: torch.Tensor, page_size
     :func:`attention_runs_sparse`), else 1.0 (dense: every page, no metadata). Broadcasts
     ``keep`` against ``length``; float64."""
     keep = keep.to(torch.float64)
-    length = length.to(torch.float64)
-    valid_pages = torch.ceil(length / page_size)
-    forced = forced_page_count(length, page_size, sink_tokens, recent_tokens)
-    pages = torch.minimum(torch.maximum(pages_wanted(keep, length, page_size), forced), valid_pages)
-    tokens = torch.minimum(pages * page_size, length)
-    meta = valid_pages if quest else torch.zeros_like(valid_pages)
-    sparse = (keep < 1.0) & attention_runs_sparse(tokens, meta, length, overhead_tokens)
+    tokens, meta = page_read_tokens(keep, length, page_size, sink_tokens, recent_tokens, quest)
+    sparse = (keep < 1.0) & attention_runs_sparse(tokens, meta, length.to(torch.float64), overhead_tokens)
     return torch.where(sparse, keep, torch.ones_like(keep))
 
 
@@ -292,19 +302,6 @@ class CostModel:
         b = self.bytes
         return b.fixed + b.mlp_input + b.mlp_output + self.dense_kv_bytes(context_length)
 
-    def pages_read(self, attention_keep: torch.Tensor, effective_length: torch.Tensor) -> torch.Tensor:
-        """Predicted pages read per layer, as the page selection computes them.
-
-        Args:
-            attention_keep: (..., 1) or broadcastable keep fractions.
-            effective_length: (..., L) tokens per layer.
-        """
-        page = self.page_size
-        valid_pages = torch.ceil(effective_length / page)
-        wanted = pages_wanted(attention_keep, effective_length, page)
-        forced = forced_page_count(effective_length, page, self.sink_tokens, self.recent_tokens)
-        return torch.minimum(torch.maximum(wanted, forced), valid_pages)
-
     def _kv_bytes(self, attention_keep: torch.Tensor, context_length: torch.Tensor, executed: bool) -> torch.Tensor:
         """KV + page-metadata bytes of ``attention_keep`` (...) at ``context_length`` (...)
         (broadcast), as executed on the tensors' device or as an ideal kernel reads them."""
@@ -318,8 +315,7 @@ class CostModel:
             )
             # Sliding-window layers read their (bounded) window dense: see sol_hf.runtime.attention.
             keep = torch.where(self._tables(context_length.device)["window"] > 0, 1.0, keep)
-        tokens = torch.minimum(self.pages_read(keep, eff) * self.page_size, eff)
-        meta = torch.ceil(eff / self.page_size) if self.quest else torch.zeros_like(eff)  # bounds: one K+V row per page
+        tokens, meta = page_read_tokens(keep, eff, self.page_size, self.sink_tokens, self.recent_tokens, self.quest)
         read = torch.where(keep < 1.0, tokens + meta, eff)
         return (read * kv).sum(-1)
 

@@ -55,10 +55,6 @@ class ControlledStep:
         self.nominal_spent, self.executed_spent, self.kv_read, self.kv_dense = zeros(), zeros(), zeros(), zeros()
         controller.reset()
 
-    @property
-    def steps(self) -> int:
-        return self.tracker.steps
-
     def decide(self, tokens: torch.Tensor, lengths: torch.Tensor, hidden: torch.Tensor | None,
                last_logits: torch.Tensor | None) -> torch.Tensor:
         """Pick this step's actions.
@@ -143,24 +139,22 @@ class ControlledStep:
         steps index them. Steps past ``max_steps`` compute their own.
         """
         step = self.tracker.steps
-        if self._tables is None or step >= self._tables["cost"].shape[1]:
-            if self._tables is None and step == 0:
-                grid = lengths.unsqueeze(-1) + torch.arange(self.tracker.max_steps, device=lengths.device)  # (B, T)
-            else:
-                grid = lengths.unsqueeze(-1)
-            cost_model = self.model.cost_model
-            uses_policy = self.controller.uses_policy
-            tables = {
-                "cost": cost_model.cost_table(grid, uses_policy),
-                "nominal": cost_model.nominal_cost_table(grid, uses_policy),
-                "dense": cost_model.dense_bytes(grid),
-                "dense_kv": cost_model.dense_kv_bytes(grid),
-            }
-            if step == 0:
-                self._tables = tables
-            else:
-                return {name: table[:, 0] for name, table in tables.items()}
-        return {name: table[:, step] for name, table in self._tables.items()}
+        if self._tables is None:  # the first step: every step's lengths at once, (B, max_steps)
+            self._tables = self._cost_tables(lengths.unsqueeze(-1) + torch.arange(self.tracker.max_steps, device=lengths.device))
+        if step < self._tables["cost"].shape[1]:
+            return {name: table[:, step] for name, table in self._tables.items()}
+        return {name: table[:, 0] for name, table in self._cost_tables(lengths.unsqueeze(-1)).items()}
+
+    def _cost_tables(self, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cost tables at ``lengths`` (B, T): cost and nominal (B, T, N), dense and dense K/V (B, T)."""
+        cost_model = self.model.cost_model
+        uses_policy = self.controller.uses_policy
+        return {
+            "cost": cost_model.cost_table(lengths, uses_policy),
+            "nominal": cost_model.nominal_cost_table(lengths, uses_policy),
+            "dense": cost_model.dense_bytes(lengths),
+            "dense_kv": cost_model.dense_kv_bytes(lengths),
+        }
 
     def report(self) -> SolComputeReport:
         """Per-row means over the steps so far."""
