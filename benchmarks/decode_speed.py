@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budgets", type=float, nargs="*", help="default: 1.0 down to the lowest reachable in 5 steps")
-    parser.add_argument("--prune-intermediate", action="store_true", help="SolConfig(prune_intermediate=True)")
+    parser.add_argument("--preset", default="default", choices=["default", "paper"], help="SolConfig.from_preset(...)")
     parser.add_argument("--static-baseline", action="store_true",
                         help="also time transformers' fastest dense decode: generate(cache_implementation='static'), "
                              "which compiles the step with torch.compile (first call compiles: tens of seconds)")
@@ -131,7 +131,7 @@ def main() -> None:
     # Both variants get a private copy, so their weights live in the same kind of memory (a model
     # fresh from from_pretrained may still read memory-mapped file pages).
     base = copy.deepcopy(loaded)
-    wrapped = SolForCausalLM(copy.deepcopy(loaded), SolConfig(prune_intermediate=args.prune_intermediate))
+    wrapped = SolForCausalLM(copy.deepcopy(loaded), SolConfig.from_preset(args.preset))
     del loaded
     low = wrapped.budget_range(args.context + 1)[0]
     budgets = args.budgets or [round(1.0 - i * (1.0 - low) / 4, 3) for i in range(5)]
@@ -155,7 +155,7 @@ def main() -> None:
                         "cost": 1.0 if report is None else round(float(report.cost.mean()), 4),
                         "standalone_cost": 1.0 if report is None else round(float(report.standalone_cost.mean()), 4),
                         "nominal_cost": 1.0 if report is None else round(float(report.nominal_cost.mean()), 4),
-                        "mlp_keep": 1.0 if report is None else round(float(report.mlp_keep.mean()), 4),
+                        "activation_keep": 1.0 if report is None else round(float(report.activation_keep.mean()), 4),
                         "attention_read": 1.0 if report is None else round(float(report.attention_read.mean()), 4),
                     }
     base_ms = statistics.median(times["base"])
@@ -179,6 +179,7 @@ def main() -> None:
         "batch": args.batch,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "preset": args.preset,
         "lowest_reachable_budget": round(low, 4),
         "prepared_weight_mib": round(wrapped.prepared_weight_bytes / 2**20, 1),
         "base_ms_per_token": round(base_ms, 3),

@@ -29,11 +29,11 @@ from sol_hf.data import EVAL_SECTIONS, PYTHON_DOCS_ROOT, TRAIN_SECTIONS
 from sol_hf.evaluation import evaluate_perplexity
 
 # Per-axis points, chosen a priori: the first is the authors' CPU-scaled point (achieved keep
-# 0.725 / MLP keep 0.896 / about 10.3 bits), then two cheaper ones.
+# 0.725 / activation keep 0.896 / about 10.3 bits), then two cheaper ones.
 PER_AXIS_BUDGETS = (
-    {"attention": 0.7, "mlp": 0.9, "bits": 10},
-    {"attention": 0.5, "mlp": 0.8, "bits": 8},
-    {"attention": 0.3, "mlp": 0.6, "bits": 6},
+    {"attention": 0.7, "activation": 0.9, "bits": 10},
+    {"attention": 0.5, "activation": 0.8, "bits": 8},
+    {"attention": 0.3, "activation": 0.6, "bits": 6},
 )
 COST_FRACTIONS = (0.75, 0.5, 0.25)  # of the way from the cheapest reachable cost up to dense
 
@@ -46,7 +46,7 @@ def training_facts(policy_dir: str) -> dict:
         with open(args_path, encoding="utf-8") as f:
             args = json.load(f)
         keys = ("context_length", "rollout_steps", "num_generations", "per_device_train_batch_size", "max_steps",
-                "budget_mode", "cost_budget_range", "attention_budget_range", "mlp_budget_range", "bits_budget_range",
+                "budget_mode", "cost_budget_range", "attention_budget_range", "activation_budget_range", "bits_budget_range",
                 "budget_guard", "learning_rate", "temperature", "reward_type", "seed")
         facts["training_args"] = {k: args.get(k) for k in keys if k in args}
     log_path = os.path.join(policy_dir.rstrip("/") + "-run", "training_log.json")  # sol_hf.training.train_policy's log

@@ -54,7 +54,7 @@ def main() -> None:
         train_policy(
             None, f"{out}/policy", steps=args.steps, seed=0, context_length=256, rollout_steps=16,
             windows_per_step=4, num_generations=8, max_windows=args.max_windows, progress=False,
-            grid={"attention_keep": (0.1, 0.6, 1.0), "mlp_keep": (0.4, 0.8, 1.0), "bits": (5, 7, 16)},
+            grid={"attention_keep": (0.1, 0.6, 1.0), "activation_keep": (0.4, 0.8, 1.0), "bits": (5, 7, 16)},
             callbacks=[timer],
         )
     wall, cpu = timer.wall[1:], timer.cpu[1:]

@@ -18,7 +18,7 @@ def main() -> None:
     path = smollm2_path()  # converts the GGUF once, then loads from ~/.cache/sol_hf
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model = SolForCausalLM(base, SolConfig(prune_intermediate=True))
+    model = SolForCausalLM(base, SolConfig())
 
     prompt = "Python lists are"
     inputs = tokenizer(prompt, return_tensors="pt")

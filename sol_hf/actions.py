@@ -1,7 +1,7 @@
 """The action grid (index <-> per-axis values) and the byte cost model of a decode step.
 
-An action is one point of ``attention_keep x mlp_keep x bits``; its flat index is
-``i_attention * (n_mlp * n_bits) + i_mlp * n_bits + i_bits`` (attention outermost, as the paper).
+An action is one point of ``attention_keep x activation_keep x bits``; its flat index is
+``i_attention * (n_activation * n_bits) + i_activation * n_bits + i_bits`` (attention outermost, as the paper).
 
 The cost of a decode step is the bytes it must read under the action divided by the bytes the
 dense step reads at the same context length: every weight matrix of every layer, the LM head,
@@ -18,7 +18,7 @@ import torch
 
 from .config import SolConfig
 
-__all__ = ["ActionSpace", "StepBytes", "CostModel", "kept_count", "pages_wanted", "forced_page_count", "attention_runs_sparse", "sparse_linear_pays", "read_factor", "page_read_tokens",
+__all__ = ["ActionSpace", "SiteBytes", "StepBytes", "CostModel", "kept_count", "pages_wanted", "forced_page_count", "attention_runs_sparse", "sparse_linear_pays", "read_factor", "page_read_tokens",
            "effective_attention_keep"]
 
 
@@ -27,30 +27,30 @@ class ActionSpace:
 
     def __init__(self, config: SolConfig):
         self.attention_keep = tuple(config.attention_keep)
-        self.mlp_keep = tuple(config.mlp_keep)
+        self.activation_keep = tuple(config.activation_keep)
         self.bits = tuple(config.bits)
-        self.shape = (len(self.attention_keep), len(self.mlp_keep), len(self.bits))
+        self.shape = (len(self.attention_keep), len(self.activation_keep), len(self.bits))
         self.num_actions = self.shape[0] * self.shape[1] * self.shape[2]
         self.dense_index = self.index_of(1.0, 1.0, 16)
         self._tables: dict[torch.device, dict[str, torch.Tensor]] = {}
 
-    def index_of(self, attention_keep: float, mlp_keep: float, bits: int) -> int:
+    def index_of(self, attention_keep: float, activation_keep: float, bits: int) -> int:
         """Flat index of an action given by its per-axis values (host-side, for users)."""
         for name, grid, value in (
             ("attention_keep", self.attention_keep, attention_keep),
-            ("mlp_keep", self.mlp_keep, mlp_keep),
+            ("activation_keep", self.activation_keep, activation_keep),
             ("bits", self.bits, bits),
         ):
             if not any(math.isclose(value, g) for g in grid):
                 raise ValueError(f"{name}={value} is not in the action grid {grid}")
         i = next(j for j, g in enumerate(self.attention_keep) if math.isclose(g, attention_keep))
-        m = next(j for j, g in enumerate(self.mlp_keep) if math.isclose(g, mlp_keep))
+        m = next(j for j, g in enumerate(self.activation_keep) if math.isclose(g, activation_keep))
         b = next(j for j, g in enumerate(self.bits) if g == bits)
         return (i * self.shape[1] + m) * self.shape[2] + b
 
     def tag(self, index: int) -> str:
         i, m, b = self.axis_indices_host(index)
-        return f"k{round(self.attention_keep[i] * 100):03d}-m{round(self.mlp_keep[m] * 100):03d}-q{self.bits[b]}"
+        return f"k{round(self.attention_keep[i] * 100):03d}-m{round(self.activation_keep[m] * 100):03d}-q{self.bits[b]}"
 
     def axis_indices_host(self, index: int) -> tuple[int, int, int]:
         if not 0 <= index < self.num_actions:
@@ -59,7 +59,7 @@ class ActionSpace:
         return index // per_attention, (index % per_attention) // self.shape[2], index % self.shape[2]
 
     def tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
-        """Per-action lookup tables on ``device``: attention_keep, mlp_keep (float32), bits (int64),
+        """Per-action lookup tables on ``device``: attention_keep, activation_keep (float32), bits (int64),
         and the axis indices, each of shape (N,)."""
         device = torch.device(device)
         if device not in self._tables:
@@ -68,10 +68,10 @@ class ActionSpace:
             ia, im, ib = grid // per_attention, (grid % per_attention) // self.shape[2], grid % self.shape[2]
             self._tables[device] = {
                 "attention_keep": torch.tensor(self.attention_keep, dtype=torch.float32)[ia].to(device),
-                "mlp_keep": torch.tensor(self.mlp_keep, dtype=torch.float32)[im].to(device),
+                "activation_keep": torch.tensor(self.activation_keep, dtype=torch.float32)[im].to(device),
                 "bits": torch.tensor(self.bits, dtype=torch.int64)[ib].to(device),
                 "attention_index": ia.to(device),
-                "mlp_index": im.to(device),
+                "activation_index": im.to(device),
                 "bits_index": ib.to(device),
             }
         return self._tables[device]
@@ -89,48 +89,59 @@ def kept_count(keep: float, width: int) -> int:
 
 
 @dataclass(frozen=True)
+class SiteBytes:
+    """The weights of one sparse-input site (say every layer's q/k/v projections).
+
+    Attributes:
+        name: the site (one of :data:`sol_hf.config.SPARSE_INPUT_SITES`).
+        total: bytes of the site's weights and biases over all layers.
+        widths: per layer, input channels of the site's projections.
+        row_bytes: per layer, bytes of one input channel's weights (one row of the transposed
+            weight, the site's fused projections together).
+    """
+
+    name: str
+    total: float
+    widths: tuple[int, ...]
+    row_bytes: tuple[float, ...]
+
+    def executed_bytes(self, keep: float, read_factor: float = 1.0) -> float:
+        """Bytes the executing ops read for one row at ``keep`` (host-side, once per level): the
+        kept rows of each layer's transposed weight where the sparse op is faster than the dense
+        projection (:func:`sparse_linear_pays`), else the whole projection (biases included)."""
+        total = self.total
+        for width, row in zip(self.widths, self.row_bytes):
+            count = kept_count(keep, width)
+            if sparse_linear_pays(count, width, read_factor):
+                total -= (width - count) * row
+        return total
+
+
+@dataclass(frozen=True)
 class StepBytes:
     """Bytes one decode step of one row reads, split by what scales with which action.
 
     Attributes:
-        fixed: read whatever the action (attention projections, norms, LM head, embedding row,
-            the MLP output projection unless ``prune_intermediate``).
-        mlp_input: weights (and biases) of the MLP input projections of all layers.
-        mlp_output: weights (and biases) of the MLP output projections of all layers.
-        mlp_input_widths, mlp_output_widths: per layer, input channels of those projections.
-        mlp_input_row_bytes, mlp_output_row_bytes: per layer, bytes of one input channel's
-            weights (one row of the transposed weight, all fused projections together).
-        prune_intermediate: the output projection's input is pruned too.
+        fixed: read whatever the action: norms, LM head, the embedding row, and every projection
+            whose input is not pruned (not in ``sites``).
+        sites: the projections whose input the activation axis prunes, one entry per site.
         kv_per_token: per layer, bytes of one token's K and V.
         window: per layer, the sliding window (``0`` for full attention).
         policy: the policy's parameter bytes (read once per step when a policy decides).
-        weight_dtype: dtype of the MLP weights (the sparse op's speed depends on it).
+        weight_dtype: dtype of the projection weights (the sparse op's speed depends on it).
     """
 
     fixed: float
-    mlp_input: float
-    mlp_output: float
-    mlp_input_widths: tuple[int, ...]
-    mlp_input_row_bytes: tuple[float, ...]
-    mlp_output_widths: tuple[int, ...]
-    mlp_output_row_bytes: tuple[float, ...]
-    prune_intermediate: bool
+    sites: tuple[SiteBytes, ...]
     kv_per_token: tuple[float, ...]
     window: tuple[int, ...]
     policy: float = 0.0
     weight_dtype: str = "float32"
 
-    def executed_mlp_bytes(self, keep: float, widths: tuple[int, ...], row_bytes: tuple[float, ...], full: float,
-                           read_factor: float = 1.0) -> float:
-        """Bytes the executed MLP path reads for one row at ``keep`` (host-side, once per level):
-        the kept rows of each layer's transposed weight where the sparse op is faster than the
-        dense projection (:func:`sparse_linear_pays`), else the whole projection (biases included)."""
-        total = full
-        for width, row in zip(widths, row_bytes):
-            count = kept_count(keep, width)
-            if sparse_linear_pays(count, width, read_factor):
-                total -= (width - count) * row
-        return total
+    @property
+    def sparse_total(self) -> float:
+        """Bytes of every pruned site's weights (all read by a dense step)."""
+        return sum(site.total for site in self.sites)
 
 
 def read_factor(factors: dict[str, float], device_type: str, dtype: torch.dtype | str) -> float:
@@ -227,11 +238,8 @@ class CostModel:
         self.attention_overhead_bytes = attention_overhead_bytes if attention_overhead_bytes is not None else {}
         self._sparse_from: dict[tuple[str, float], float] = {}
         self.sparse_linear_read_factor = sparse_linear_read_factor if sparse_linear_read_factor is not None else {}
-        b = step_bytes
-        self._mlp_nominal_levels = tuple(
-            k * b.mlp_input + (k if b.prune_intermediate else 1.0) * b.mlp_output for k in space.mlp_keep
-        )
-        self._mlp_executed: dict[tuple[torch.device, float], torch.Tensor] = {}
+        self._nominal_levels = tuple(k * step_bytes.sparse_total for k in space.activation_keep)
+        self._sparse_executed: dict[tuple[torch.device, float], torch.Tensor] = {}
         self._device_tables: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -242,32 +250,26 @@ class CostModel:
             self._device_tables[device] = {
                 "kv": torch.tensor(self.bytes.kv_per_token, **f64),
                 "window": torch.tensor(self.bytes.window, **f64),
-                "mlp_nominal": torch.tensor(self._mlp_nominal_levels, **f64),
+                "activation_nominal": torch.tensor(self._nominal_levels, **f64),
             }
         return self._device_tables[device]
 
-    def mlp_executed_bytes(self, device: torch.device) -> torch.Tensor:
-        """(levels,) float64 MLP weight bytes one row reads at each MLP keep level, as executed on
-        ``device``'s backend (see :meth:`StepBytes.executed_mlp_bytes`)."""
+    def sparse_executed_bytes(self, device: torch.device, backend: str | None = None) -> torch.Tensor:
+        """(levels,) float64 on ``device``: bytes of the pruned sites' weights one row reads at each
+        activation keep level, as executed on ``backend`` (default ``device``'s type; see
+        :meth:`SiteBytes.executed_bytes`)."""
         device = torch.device(device)
-        factor = read_factor(self.sparse_linear_read_factor, device.type, self.bytes.weight_dtype)
-        if (device, factor) not in self._mlp_executed:
-            b = self.bytes
-            levels = []
-            for k in self.space.mlp_keep:
-                total = b.executed_mlp_bytes(k, b.mlp_input_widths, b.mlp_input_row_bytes, b.mlp_input, factor)
-                if b.prune_intermediate:
-                    total += b.executed_mlp_bytes(k, b.mlp_output_widths, b.mlp_output_row_bytes, b.mlp_output, factor)
-                else:
-                    total += b.mlp_output
-                levels.append(total)
-            self._mlp_executed[(device, factor)] = torch.tensor(levels, dtype=torch.float64, device=device)
-        return self._mlp_executed[(device, factor)]
+        factor = read_factor(self.sparse_linear_read_factor, backend or device.type, self.bytes.weight_dtype)
+        if (device, factor) not in self._sparse_executed:
+            levels = [sum(site.executed_bytes(k, factor) for site in self.bytes.sites) for k in self.space.activation_keep]
+            self._sparse_executed[(device, factor)] = torch.tensor(levels, dtype=torch.float64, device=device)
+        return self._sparse_executed[(device, factor)]
 
-    def overhead_tokens(self, device: torch.device) -> torch.Tensor:
-        """(L,) the backend's sparse-attention overhead per layer in units of one token's K+V."""
+    def overhead_tokens(self, device: torch.device, backend: str | None = None) -> torch.Tensor:
+        """(L,) on ``device``: ``backend``'s (default ``device``'s type) sparse-attention overhead
+        per layer in units of one token's K+V."""
         kv = self._tables(device)["kv"]
-        return self.attention_overhead_bytes.get(torch.device(device).type, 0.0) / kv
+        return self.attention_overhead_bytes.get(backend or torch.device(device).type, 0.0) / kv
 
     def sparse_attention_from(self, device_type: str, search_limit: int = 1 << 20) -> float:
         """Host-side: the shortest valid length at which the grid's smallest attention keep level
@@ -300,9 +302,10 @@ class CostModel:
     def dense_bytes(self, context_length: torch.Tensor) -> torch.Tensor:
         """(...,) -> (...,) float64 bytes of a dense step (no policy)."""
         b = self.bytes
-        return b.fixed + b.mlp_input + b.mlp_output + self.dense_kv_bytes(context_length)
+        return b.fixed + b.sparse_total + self.dense_kv_bytes(context_length)
 
-    def _kv_bytes(self, attention_keep: torch.Tensor, context_length: torch.Tensor, executed: bool) -> torch.Tensor:
+    def _kv_bytes(self, attention_keep: torch.Tensor, context_length: torch.Tensor, executed: bool,
+                  backend: str | None = None) -> torch.Tensor:
         """KV + page-metadata bytes of ``attention_keep`` (...) at ``context_length`` (...)
         (broadcast), as executed on the tensors' device or as an ideal kernel reads them."""
         kv = self._tables(context_length.device)["kv"]
@@ -311,7 +314,7 @@ class CostModel:
         if executed:
             keep = effective_attention_keep(
                 keep, eff, self.page_size, self.sink_tokens, self.recent_tokens, self.quest,
-                self.overhead_tokens(context_length.device),
+                self.overhead_tokens(context_length.device, backend),
             )
             # Sliding-window layers read their (bounded) window dense: see sol_hf.runtime.attention.
             keep = torch.where(self._tables(context_length.device)["window"] > 0, 1.0, keep)
@@ -323,19 +326,20 @@ class CostModel:
         """KV + page-metadata bytes the executing attention reads (see :func:`attention_runs_sparse`)."""
         return self._kv_bytes(attention_keep, context_length, executed=True)
 
-    def _table(self, context_length: torch.Tensor, with_policy: bool, executed: bool) -> torch.Tensor:
+    def _table(self, context_length: torch.Tensor, with_policy: bool, executed: bool, backend: str | None = None) -> torch.Tensor:
         t = self.space.tables(context_length.device)
         length = context_length.unsqueeze(-1)  # (..., 1)
-        kv_bytes = self._kv_bytes(t["attention_keep"], length.expand(*context_length.shape, self.space.num_actions), executed)
-        levels = self.mlp_executed_bytes(context_length.device) if executed else self._tables(context_length.device)["mlp_nominal"]
-        mlp = levels[t["mlp_index"]]
-        total = self.bytes.fixed + mlp + kv_bytes + (self.bytes.policy if with_policy else 0.0)
+        kv_bytes = self._kv_bytes(t["attention_keep"], length.expand(*context_length.shape, self.space.num_actions), executed, backend)
+        levels = self.sparse_executed_bytes(context_length.device, backend) if executed else self._tables(context_length.device)["activation_nominal"]
+        weights = levels[t["activation_index"]]
+        total = self.bytes.fixed + weights + kv_bytes + (self.bytes.policy if with_policy else 0.0)
         return (total / self.dense_bytes(length)).to(torch.float32)
 
-    def cost_table(self, context_length: torch.Tensor, with_policy: bool) -> torch.Tensor:
+    def cost_table(self, context_length: torch.Tensor, with_policy: bool, backend: str | None = None) -> torch.Tensor:
         """(...,) valid lengths -> (..., N) cost fraction of every action as the executing backend
-        (the tensors' device) reads it for one row decoded alone: bytes read / dense bytes."""
-        return self._table(context_length, with_policy, executed=True)
+        (``backend``, default the tensors' device type) reads it for one row decoded alone: bytes
+        read / dense bytes."""
+        return self._table(context_length, with_policy, executed=True, backend=backend)
 
     def nominal_cost_table(self, context_length: torch.Tensor, with_policy: bool) -> torch.Tensor:
         """(...,) -> (..., N) the nominal cost fraction: what an ideal kernel would read (keep
@@ -343,6 +347,7 @@ class CostModel:
         return self._table(context_length, with_policy, executed=False)
 
     def cheapest_cost(self, context_length: int, with_policy: bool = False, device: torch.device | str = "cpu") -> float:
-        """Host-side: the lowest reachable cost fraction at ``context_length`` tokens on ``device``'s backend."""
-        table = self.cost_table(torch.tensor([context_length], device=device), with_policy)
+        """Host-side: the lowest reachable cost fraction at ``context_length`` tokens on the backend
+        of ``device`` (computed on the CPU, so any device type can be asked about from anywhere)."""
+        table = self.cost_table(torch.tensor([context_length]), with_policy, backend=torch.device(device).type)
         return float(table.min())

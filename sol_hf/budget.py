@@ -3,11 +3,11 @@
 A budget is one of
   * a float in (0, 1]: the target average cost fraction of the controlled decode steps;
   * a 1-D tensor/list of such floats, one per batch row;
-  * a dict of per-axis nominal targets, as the paper: ``{"attention": 0.5, "mlp": 0.7, "bits": 8}``
+  * a dict of per-axis nominal targets, as the paper: ``{"attention": 0.5, "activation": 0.7, "bits": 8}``
     (axes left out stay dense).
 
 Internally every budget becomes a (B, 4) target tensor over the dimensions
-``("cost", "attention", "mlp", "bits")`` plus a (B, 4) bool telling which are set; bits are
+``("cost", "attention", "activation", "bits")`` plus a (B, 4) bool telling which are set; bits are
 stored as ``bits / 16`` so every dimension lives in (0, 1].
 """
 
@@ -21,8 +21,8 @@ import torch
 
 __all__ = ["BUDGET_AXES", "BudgetTargets", "parse_compute_budget", "BudgetTracker", "NUM_BUDGET_FEATURES"]
 
-BUDGET_AXES = ("cost", "attention", "mlp", "bits")
-AXIS_KEYS = ("attention", "mlp", "bits")
+BUDGET_AXES = ("cost", "attention", "activation", "bits")
+AXIS_KEYS = ("attention", "activation", "bits")
 NUM_BUDGET_FEATURES = 1 + 3 * len(BUDGET_AXES)
 
 
@@ -66,12 +66,18 @@ def parse_compute_budget(budget: object, batch_size: int, device: torch.device |
     is_set = torch.zeros(batch_size, len(BUDGET_AXES), dtype=torch.bool)
     if isinstance(budget, dict):
         if not budget:
-            raise ValueError("compute_budget dict is empty; give at least one of 'attention', 'mlp', 'bits'")
+            raise ValueError("compute_budget dict is empty; give at least one of 'attention', 'activation', 'bits'")
+        if "mlp" in budget:
+            raise ValueError(
+                "compute_budget['mlp'] was renamed 'activation' in sol_hf's format 2: the axis keeps a fraction of "
+                "the input channels of every projection SolConfig.sparse_inputs names (the MLP input alone under "
+                "SolConfig.from_preset('paper')). Pass {'activation': ...}."
+            )
         unknown = sorted(set(budget) - set(AXIS_KEYS))
         if unknown:
             raise ValueError(
                 f"compute_budget has unknown axes {unknown}; per-axis budgets take 'attention' (keep fraction), "
-                f"'mlp' (keep fraction) and 'bits' (2..16). For a unified cost budget pass a float."
+                f"'activation' (keep fraction) and 'bits' (2..16). For a unified cost budget pass a float."
             )
         for key, value in budget.items():
             col = BUDGET_AXES.index(key)
@@ -110,7 +116,7 @@ def parse_compute_budget(budget: object, batch_size: int, device: torch.device |
 class BudgetTracker:
     """Running per-row spend over the controlled steps; all tensors stay on the device.
 
-    ``spent`` (B, 4) sums the achieved cost fraction, attention keep, MLP keep and bits/16 of
+    ``spent`` (B, 4) sums the achieved cost fraction, attention keep, activation keep and bits/16 of
     every controlled step so far; ``steps`` is the host-side count of controlled steps.
     """
 
@@ -135,9 +141,9 @@ class BudgetTracker:
         progress = torch.full_like(targets[:, :1], (self.steps + 1) / self.max_steps)
         return torch.cat([progress, targets, is_set, deviation * is_set], dim=-1)
 
-    def update(self, cost: torch.Tensor, attention_keep: torch.Tensor, mlp_keep: torch.Tensor, bits: torch.Tensor) -> None:
+    def update(self, cost: torch.Tensor, attention_keep: torch.Tensor, activation_keep: torch.Tensor, bits: torch.Tensor) -> None:
         """Add one step's achieved (B,) values."""
-        step = torch.stack([cost.double(), attention_keep.double(), mlp_keep.double(), bits.double() / 16.0], dim=-1)
+        step = torch.stack([cost.double(), attention_keep.double(), activation_keep.double(), bits.double() / 16.0], dim=-1)
         self.spent += step
         self.steps += 1
 

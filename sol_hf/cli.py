@@ -25,7 +25,7 @@ __all__ = ["main", "CLIError", "parse_budget"]
 DEFAULT_BASE = "smollm2"
 _HELP_BUDGET = (
     "a unified cost fraction in (0, 1] (bytes read per decode step / dense bytes), e.g. 0.85, or a per-axis "
-    "budget attention=0.5,mlp=0.8,bits=8 (axes left out stay dense)"
+    "budget attention=0.5,activation=0.8,bits=8 (axes left out stay dense)"
 )
 
 
@@ -48,7 +48,7 @@ def _one_line(err: BaseException) -> str:
 
 
 def parse_budget(text: str) -> float | dict[str, float]:
-    """``"0.85"`` -> 0.85; ``"attention=0.5,mlp=0.8,bits=8"`` -> dict. Raises :class:`CLIError`."""
+    """``"0.85"`` -> 0.85; ``"attention=0.5,activation=0.8,bits=8"`` -> dict. Raises :class:`CLIError`."""
     from .budget import parse_compute_budget
 
     text = text.strip()
@@ -58,7 +58,7 @@ def parse_budget(text: str) -> float | dict[str, float]:
             key, sep, value = part.partition("=")
             key = key.strip()
             if not sep or not key:
-                raise CLIError(f"bad budget {text!r}: per-axis budgets look like attention=0.5,mlp=0.8,bits=8")
+                raise CLIError(f"bad budget {text!r}: per-axis budgets look like attention=0.5,activation=0.8,bits=8")
             try:
                 budget[key] = float(value)
             except ValueError:
@@ -77,18 +77,11 @@ def parse_budget(text: str) -> float | dict[str, float]:
 
 def _check_reachable(model, budgets: Sequence[float | dict], context_length: int, controller: str = "policy") -> None:
     """Refuse unified-cost budgets below the cheapest action at this context length."""
-    low, _ = model.budget_range(context_length + 1, controller)
-    if low > 1.0 and any(isinstance(b, float) for b in budgets):
-        raise CLIError(
-            f"no unified-cost budget is reachable: the cheapest action with this policy costs {low:.3f} of a dense step "
-            f"(the policy is large next to this model); use a per-axis budget or a smaller policy"
-        )
     for budget in budgets:
-        if isinstance(budget, float) and budget < low - 1e-6:
-            raise CLIError(
-                f"budget {budget:g} is below the cheapest reachable cost {low:.3f} of this model and action grid at "
-                f"context length {context_length + 1} (reachable: [{low:.3f}, 1]); raise it or use a per-axis budget"
-            )
+        if isinstance(budget, float):
+            reason = model.unreachable_budget_message(budget, context_length + 1, controller)
+            if reason is not None:
+                raise CLIError(f"{reason} Per-axis budgets (attention=...,activation=...) are always accepted.")
 
 
 def _number_arg(name: str, parse, accept, expected: str):
@@ -353,7 +346,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-DEMO_BUDGETS = ({"attention": 0.6, "mlp": 0.8, "bits": 8}, {"attention": 0.3, "mlp": 0.6, "bits": 6})
+DEMO_BUDGETS = ({"attention": 0.6, "activation": 0.8, "bits": 8}, {"attention": 0.3, "activation": 0.6, "bits": 6})
 
 
 def cmd_demo(args) -> int:

@@ -9,8 +9,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-FORMAT_VERSION = 1
+# 2: the second axis became ``activation_keep`` over the projections named in ``sparse_inputs``
+#    (1 had ``mlp_keep`` over the MLP input, plus ``prune_intermediate``); 1 files still load.
+FORMAT_VERSION = 2
 CONFIG_NAME = "sol_config.json"
+
+# The projections whose input activation the activation axis prunes (TEAL-style top-|x| per token).
+SPARSE_INPUT_SITES = ("attention_input", "attention_output", "mlp_input", "mlp_output")
 
 SELECTION_CRITERIA = ("quest", "recency")
 ACTION_HEADS = ("joint", "factorized")
@@ -31,15 +36,24 @@ def _as_float_tuple(name: str, values: Any) -> tuple[float, ...]:
 class SolConfig:
     """Configuration of a SOL policy and the actions it picks from.
 
-    The action grid is the Cartesian product ``attention_keep x mlp_keep x bits``; one action
+    The action grid is the Cartesian product ``attention_keep x activation_keep x bits``; one action
     applies to every layer of the base model for one decode step of one batch row.
+
+    ``SolConfig()`` is the default that reaches low budgets (activation sparsity on the inputs of
+    every projection, no activation quantization); ``SolConfig.from_preset("paper")`` is the
+    paper's three axes (MLP-input sparsity and 8-bit MLP-output fake quantization) for parity runs.
 
     Args:
         attention_keep: fractions of the valid KV tokens attention reads (1.0 = dense).
-        mlp_keep: fractions of MLP input channels kept, by per-token top-|x| (1.0 = dense).
-        bits: activation bit-widths for the MLP output (16 = no quantization).
-        prune_intermediate: also keep only the top-|x| channels of the MLP's down projection
-            input (the intermediate activations), at the same keep fraction.
+        activation_keep: fractions of input channels kept, by per-token top-|x| (1.0 = dense), in
+            the inputs of the projections named by ``sparse_inputs``; the executing ops read only
+            the weight rows of the kept channels.
+        sparse_inputs: which projections' inputs the activation axis prunes, any of
+            ``"attention_input"`` (q/k/v, which share their input), ``"attention_output"`` (the
+            output projection of attention), ``"mlp_input"`` (gate/up), ``"mlp_output"`` (down).
+            Each site costs a transposed copy of its weights in memory (``nn.Linear`` layouts).
+        bits: activation bit-widths for the MLP output (16 = no quantization). A paper-parity
+            option: fake quantization reads no fewer bytes, so it never lowers the cost.
         selection: how attention picks KV pages: ``"quest"`` (query-aware page key bounds) or
             ``"recency"`` (the most recent pages).
         page_size: tokens per KV page.
@@ -66,9 +80,9 @@ class SolConfig:
     """
 
     attention_keep: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
-    mlp_keep: tuple[float, ...] = (0.4, 0.6, 0.8, 1.0)
-    bits: tuple[int, ...] = (8, 16)
-    prune_intermediate: bool = False
+    activation_keep: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
+    sparse_inputs: tuple[str, ...] = SPARSE_INPUT_SITES
+    bits: tuple[int, ...] = (16,)
     selection: str = "quest"
     page_size: int = 16
     sink_tokens: int = 4
@@ -89,13 +103,23 @@ class SolConfig:
 
     def __post_init__(self) -> None:
         self.attention_keep = tuple(sorted(set(_as_float_tuple("attention_keep", self.attention_keep))))
-        self.mlp_keep = tuple(sorted(set(_as_float_tuple("mlp_keep", self.mlp_keep))))
-        for name in ("attention_keep", "mlp_keep"):
+        self.activation_keep = tuple(sorted(set(_as_float_tuple("activation_keep", self.activation_keep))))
+        for name in ("attention_keep", "activation_keep"):
             values = getattr(self, name)
             if any(not (0.0 < v <= 1.0) or math.isnan(v) for v in values):
                 raise ValueError(f"SolConfig.{name} values must lie in (0, 1], got {values}")
             if values[-1] != 1.0:
                 raise ValueError(f"SolConfig.{name} must include 1.0 (the dense level), got {values}")
+        try:
+            sites = tuple(self.sparse_inputs) if not isinstance(self.sparse_inputs, str) else (self.sparse_inputs,)
+        except TypeError:
+            raise ValueError(f"SolConfig.sparse_inputs must be a list of site names, got {self.sparse_inputs!r}") from None
+        unknown = sorted(set(sites) - set(SPARSE_INPUT_SITES))
+        if unknown or not sites:
+            raise ValueError(
+                f"SolConfig.sparse_inputs must name at least one of {SPARSE_INPUT_SITES}, got {list(sites)}"
+            )
+        self.sparse_inputs = tuple(site for site in SPARSE_INPUT_SITES if site in sites)  # canonical order
         try:
             bits = tuple(sorted(set(int(b) for b in self.bits)))
         except (TypeError, ValueError):
@@ -139,9 +163,18 @@ class SolConfig:
                 f"sol_hf reads format_version <= {FORMAT_VERSION}. Upgrade sol_hf: pip install -U sol-hf"
             )
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "SolConfig":
+        """A named configuration: ``"default"`` (``SolConfig()``) or ``"paper"`` (the paper's axes:
+        KV pages, MLP-input sparsity at 0.4..1.0 and 8-bit MLP-output fake quantization, the
+        action grid of sol_hf's format 1). ``overrides`` replace fields."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown SolConfig preset {name!r}; presets: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
     @property
     def num_actions(self) -> int:
-        return len(self.attention_keep) * len(self.mlp_keep) * len(self.bits)
+        return len(self.attention_keep) * len(self.activation_keep) * len(self.bits)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -157,6 +190,7 @@ class SolConfig:
     def from_dict(cls, data: dict[str, Any]) -> "SolConfig":
         if not isinstance(data, dict):
             raise ValueError(f"a SolConfig must be a JSON object, got {type(data).__name__}")
+        data = _upgrade(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known - {"base_fingerprint", "sol_hf_version"})
         if unknown and int(data.get("format_version", FORMAT_VERSION)) <= FORMAT_VERSION:
@@ -180,9 +214,35 @@ class SolConfig:
         return cls.from_dict(data)
 
 
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {
+        "attention_keep": (0.1, 0.25, 0.5, 1.0),
+        "activation_keep": (0.4, 0.6, 0.8, 1.0),
+        "sparse_inputs": ("mlp_input",),
+        "bits": (8, 16),
+    },
+}
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 config (``mlp_keep``, ``prune_intermediate``) in format-2 fields, same actions.
+    Format 1 predates ``sparse_inputs``; its fields default to format 1's defaults."""
+    version = data.get("format_version", 1 if ("mlp_keep" in data or "prune_intermediate" in data) else FORMAT_VERSION)
+    if not isinstance(version, int) or version >= 2:
+        return data
+    data = dict(data)
+    data["activation_keep"] = data.pop("mlp_keep", PRESETS["paper"]["activation_keep"])
+    data.setdefault("bits", PRESETS["paper"]["bits"])
+    data.setdefault("attention_keep", PRESETS["paper"]["attention_keep"])
+    data["sparse_inputs"] = ("mlp_input", "mlp_output") if data.pop("prune_intermediate", False) else ("mlp_input",)
+    data["format_version"] = FORMAT_VERSION
+    return data
+
+
 def replace(config: SolConfig, **changes: Any) -> SolConfig:
     """A copy of ``config`` with ``changes`` applied (validated again)."""
     return dataclasses.replace(config, **changes)
 
 
-__all__ = ["SolConfig", "CONFIG_NAME", "FORMAT_VERSION", "replace"]
+__all__ = ["SolConfig", "CONFIG_NAME", "FORMAT_VERSION", "PRESETS", "SPARSE_INPUT_SITES", "replace"]

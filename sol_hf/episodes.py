@@ -35,7 +35,7 @@ class EpisodeBatch:
             (only with ``with_dense``).
         actions: (R, T) int64 action indices.
         step_cost: (R, T) achieved cost fraction of each step (bytes read / dense bytes).
-        attention_keep, mlp_keep: (R, T) nominal per-axis values; bits: (R, T) int64.
+        attention_keep, activation_keep: (R, T) nominal per-axis values; bits: (R, T) int64.
         observations: policy observations with a T axis (only for policy controllers).
         allowed: (R, T, N) bool budget-guard masks the actions were drawn under (policy only).
         behaviour_log_probs: (R, T) log-probability of each action when it was drawn (policy only).
@@ -46,7 +46,7 @@ class EpisodeBatch:
     actions: torch.Tensor
     step_cost: torch.Tensor
     attention_keep: torch.Tensor
-    mlp_keep: torch.Tensor
+    activation_keep: torch.Tensor
     bits: torch.Tensor
     targets: BudgetTargets
     dense_token_log_probs: torch.Tensor | None = None
@@ -130,7 +130,7 @@ def run_episodes(
         record["a"].append(actions)
         record["cost"].append(cost)
         record["ak"].append(values["attention_keep"])
-        record["mk"].append(values["mlp_keep"])
+        record["mk"].append(values["activation_keep"])
         record["bits"].append(values["bits"])
         if is_policy:
             assert isinstance(controller, PolicyController)
@@ -147,7 +147,7 @@ def run_episodes(
     stack = lambda key: torch.stack(record[key], dim=1)  # noqa: E731
     result = EpisodeBatch(
         token_log_probs=stack("lp"), actions=stack("a"), step_cost=stack("cost"), attention_keep=stack("ak"),
-        mlp_keep=stack("mk"), bits=stack("bits"), targets=targets, dense_token_log_probs=dense_scores,
+        activation_keep=stack("mk"), bits=stack("bits"), targets=targets, dense_token_log_probs=dense_scores,
         dense_kl=stack("kl") if record["kl"] else None,
     )
     if is_policy:

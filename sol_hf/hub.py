@@ -427,7 +427,7 @@ fingerprint.
 | axis | levels |
 |---|---|
 | attention keep (fraction of KV tokens read, selection `{config.selection}`, pages of {config.page_size} tokens) | {levels(config.attention_keep)} |
-| MLP input keep (fraction of channels, top-\\|x\\|{", also the down-projection input" if config.prune_intermediate else ""}) | {levels(config.mlp_keep)} |
+| activation keep (fraction of input channels, top-\\|x\\|, of: {", ".join(config.sparse_inputs)}) | {levels(config.activation_keep)} |
 | activation bits (MLP output) | {levels(config.bits)} |
 
 The first {config.sink_tokens} and last {config.recent_tokens} tokens of each row are always read.

@@ -8,8 +8,8 @@ How a controlled generation flows (one way, no global patches):
    runs dense. Each later call is one decode step: the session decides one action per row and
    sets the :class:`~sol_hf.runtime.state.StepState` that carries them.
 3. While a step is set, SOL's attention function (``sol_hf.runtime.attention``) reads only the
-   selected KV pages where that reads fewer bytes, and the MLP input projections
-   (``sol_hf.runtime.mlp``) read only the weight rows of the kept channels. Without one
+   selected KV pages where that reads fewer bytes, and the projections whose input is pruned
+   (``sol_hf.runtime.projections``) read only the weight rows of the kept channels. Without one
    (prefill, dense budgets, after ``unwrap``) the base model's own code runs.
 4. A forward hook charges the step the bytes its ops counted and clears it.
 """
@@ -43,7 +43,7 @@ from .policy import (
 )
 from .runtime.accounting import SolComputeReport, measure_step_bytes
 from .runtime.attention import ATTENTION_NAMES, SPARSE_ATTENTION_OVERHEAD_BYTES
-from .runtime.mlp import SPARSE_LINEAR_READ_FACTOR, MlpExecutor
+from .runtime.projections import SPARSE_LINEAR_READ_FACTOR, LayerExecutor
 from .runtime.state import Runtime, StepState
 from .runtime.step import ControlledStep, host_plan
 
@@ -136,19 +136,14 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         executors = []
         for layer in self.adapter.decoder_layers(base):
             object.__setattr__(getattr(layer, self.adapter.attention), "_sol_runtime", runtime)
-            mlp = getattr(layer, self.adapter.mlp)
-            executors.append(MlpExecutor(
-                mlp, [getattr(mlp, name) for name in self.adapter.mlp_input_projections],
-                getattr(mlp, self.adapter.mlp_output_projection), self.sol_config.mlp_keep,
-                self.sol_config.prune_intermediate, runtime,
-            ))
+            executors.append(LayerExecutor(layer, self.adapter, self.sol_config, runtime))
         handles = [
             base.get_submodule(self.adapter.final_norm).register_forward_hook(_make_hidden_hook(runtime)),
             base.register_forward_pre_hook(self._before_base_forward, with_kwargs=True),
             base.register_forward_hook(self._after_base_forward),
         ]
         object.__setattr__(self, "_handles", handles)
-        object.__setattr__(self, "_mlp_executors", executors)
+        object.__setattr__(self, "_layer_executors", executors)
         base.set_attn_implementation(ATTENTION_NAMES.get(impl, "sol_sdpa"))
 
     @property
@@ -171,7 +166,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
     def prepared_weight_bytes(self) -> int:
         """Memory held by the transposed MLP weight copies the sparse projections read (freed by
         :meth:`unwrap`)."""
-        return sum(e.prepared_bytes for e in self._mlp_executors)
+        return sum(e.prepared_bytes for e in self._layer_executors)
 
     def unwrap(self) -> PreTrainedModel:
         """Remove every hook, patched ``forward`` and attribute SOL added, free the prepared weight
@@ -180,9 +175,9 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for executor in self._mlp_executors:
+        for executor in self._layer_executors:
             executor.remove()
-        self._mlp_executors.clear()
+        self._layer_executors.clear()
         for layer in self.adapter.decoder_layers(base):
             attention = getattr(layer, self.adapter.attention)
             if "_sol_runtime" in attention.__dict__:
@@ -210,11 +205,40 @@ class SolForCausalLM(SolHubMixin, nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.base_model.get_input_embeddings()
 
-    def budget_range(self, context_length: int, controller: str = "uniform") -> tuple[float, float]:
-        """(lowest, highest) reachable unified cost fraction at ``context_length`` tokens, as the
-        executing backend of the model's device reads the actions."""
-        with_policy = controller == "policy"
-        return self.cost_model.cheapest_cost(int(context_length), with_policy, device=self.device), 1.0
+    def budget_range(self, context_length: int, controller: str = "uniform",
+                     device: torch.device | str | None = None) -> tuple[float, float]:
+        """(lowest, highest) unified cost fraction a budget can ask for at ``context_length`` tokens,
+        as the executing backend of ``device`` (default: the model's) reads the actions.
+
+        ``controller="policy"`` counts the policy's own weights in every controlled step. Where
+        even the cheapest action costs a dense step or more (a policy large next to its model),
+        nothing below 1.0 is reachable and the range is ``(1.0, 1.0)``: budget 1.0 runs the base
+        model alone."""
+        if controller not in ("policy", "uniform", "random"):
+            raise ValueError(f"controller must be 'policy', 'uniform' or 'random', got {controller!r}")
+        if not isinstance(context_length, int) or isinstance(context_length, bool) or context_length < 1:
+            raise ValueError(f"context_length must be a positive integer (tokens, the current one included), got {context_length!r}")
+        cheapest = self.cost_model.cheapest_cost(context_length, controller == "policy", device=device or self.device)
+        return min(cheapest, 1.0), 1.0
+
+    def unreachable_budget_message(self, budget: float, context_length: int, controller: str = "uniform") -> str | None:
+        """Why a unified ``budget`` cannot be met at ``context_length`` tokens, or ``None`` if it can."""
+        low, _ = self.budget_range(context_length, controller)
+        if budget >= 1.0 or budget >= low - 1e-6:
+            return None
+        cheapest = self.cost_model.cheapest_cost(context_length, controller == "policy", device=self.device)
+        if low >= 1.0:
+            policy = self.cost_model.bytes.policy / float(self.cost_model.dense_bytes(torch.tensor([context_length], device=self.device)))
+            return (
+                f"no budget below 1.0 is reachable with the {controller} controller at context length {context_length}: "
+                f"the cheapest action costs {cheapest:.3f} of a dense step, of which the policy's own weights are {policy:.3f}. "
+                f"Use budget 1.0 (the base model), the uniform controller, or a smaller policy (SolConfig.policy_param_fraction)."
+            )
+        return (
+            f"budget {budget:g} is below the cheapest reachable cost {low:.3f} of this model and action grid at context "
+            f"length {context_length} with the {controller} controller (reachable: [{low:.3f}, 1.0]). Raise the budget, "
+            f"or add cheaper levels to SolConfig (attention_keep, activation_keep, sparse_inputs)."
+        )
 
     def make_controller(self, controller: str | Controller | None, **kwargs) -> Controller:
         """``"policy"``, ``"uniform"``, ``"random"`` or a :class:`Controller` instance."""
@@ -250,7 +274,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         """StepState for (B, T) or (B,) action indices (flattened b-major)."""
         values = self.space.values(actions.reshape(-1).long())
         return StepState(
-            attention_keep=values["attention_keep"], mlp_index=values["mlp_index"], bits=values["bits"],
+            attention_keep=values["attention_keep"], activation_index=values["activation_index"], bits=values["bits"],
             config=self.sol_config, host=host_plan(values) if host_planning else None, decode=decode,
             left_padding=left_padding, total_length=total_length, cache=cache,
         )
@@ -324,7 +348,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         Args:
             compute_budget: ``None``/``1.0`` (dense, the base model's exact output), a float in
                 (0, 1] (target mean cost fraction of the decode steps), a (B,) tensor of such
-                floats, or a per-axis dict ``{"attention": .., "mlp": .., "bits": ..}``.
+                floats, or a per-axis dict ``{"attention": .., "activation": .., "bits": ..}``.
             controller: ``"policy"``, ``"uniform"``, ``"random"`` or a ``Controller``. Default: the
                 policy if one was loaded from a trained artifact, else ``"uniform"``.
             controller_kwargs: passed to the controller (e.g. ``do_sample``, ``seed``, ``budget_guard``).
@@ -379,21 +403,34 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         keep = torch.tensor(min(self.space.attention_keep), device=self.device)
         return bool(self.cost_model.predicted_kv_bytes(keep, length) < self.cost_model.dense_kv_bytes(length))
 
+    def check_axis_targets(self, targets: BudgetTargets) -> None:
+        """Refuse a per-axis target below the axis's lowest grid level (it would be silently
+        rounded up to that level): a ``ValueError`` naming the axis, the value and the levels."""
+        is_set, values, space = targets.is_set.cpu(), targets.values.cpu(), self.space
+        for column, name, levels, scale in ((1, "attention", space.attention_keep, 1.0),
+                                            (2, "activation", space.activation_keep, 1.0),
+                                            (3, "bits", space.bits, 16.0)):
+            asked = values[is_set[:, column], column] * scale
+            if len(asked) and float(asked.min()) < min(levels) - 1e-6:
+                raise ValueError(
+                    f"compute_budget['{name}']={float(asked.min()):g} is below the lowest level of this model's action grid "
+                    f"({name} levels {list(levels)}); ask for at least {min(levels):g}, or add a lower level to SolConfig"
+                )
+
     def _check_reachable(self, targets: BudgetTargets, input_ids, attention_mask, ctrl: Controller) -> None:
-        if not bool(targets.is_set[:, 0].any()):
+        """Refuse targets the action grid cannot meet, before any decoding."""
+        self.check_axis_targets(targets)
+        is_set = targets.is_set.cpu()
+        if not bool(is_set[:, 0].any()):
             return
         lengths = attention_mask.sum(-1) if attention_mask is not None else torch.full((input_ids.shape[0],), input_ids.shape[1])
         for row in range(targets.batch_size):
             if not targets.is_set[row, 0]:
                 continue
             target = float(targets.values[row, 0])
-            low, _ = self.budget_range(int(lengths[row]) + 1, "policy" if ctrl.uses_policy else "uniform")
-            if target < low - 1e-6:
-                raise ValueError(
-                    f"compute_budget={target:g} (row {row}) is below the cheapest reachable cost {low:.3f} for this model "
-                    f"and action grid at context length {int(lengths[row]) + 1}; model.budget_range(context_length) gives "
-                    f"the reachable range. Raise the budget or add cheaper levels to SolConfig."
-                )
+            reason = self.unreachable_budget_message(target, int(lengths[row]) + 1, "policy" if ctrl.uses_policy else "uniform")
+            if reason is not None:
+                raise ValueError(f"compute_budget (row {row}): {reason} model.budget_range(context_length) gives the range.")
 
     def _before_base_forward(self, module, args, kwargs):
         session: _GenerateSession | None = self._runtime.session

@@ -79,7 +79,7 @@ def policy_hidden_size_for(config: SolConfig, lm_hidden_size: int, base_paramete
     """Width giving a policy of about ``config.policy_param_fraction`` of the base's parameters."""
     target = config.policy_param_fraction * base_parameters
     n_out = config.num_actions if config.action_head == "joint" else sum(
-        len(a) for a in (config.attention_keep, config.mlp_keep, config.bits)
+        len(a) for a in (config.attention_keep, config.activation_keep, config.bits)
     )
     # params(d) ~ a*d^2 + b*d: blocks 12 d^2 each; obs projection, positions and the head linear in d.
     a = 12.0 * config.policy_layers
@@ -260,10 +260,10 @@ class DecisionContext:
 
 
 def _axis_value_table(space: ActionSpace, device) -> torch.Tensor:
-    """(N, 4) per-action values in budget units: (unused cost slot, attention, mlp, bits/16)."""
+    """(N, 4) per-action values in budget units: (unused cost slot, attention, activation, bits/16)."""
     t = space.tables(device)
     return torch.stack(
-        [torch.zeros_like(t["attention_keep"]), t["attention_keep"], t["mlp_keep"], t["bits"].float() / 16.0], dim=-1
+        [torch.zeros_like(t["attention_keep"]), t["attention_keep"], t["activation_keep"], t["bits"].float() / 16.0], dim=-1
     )
 
 
@@ -309,11 +309,11 @@ class Controller:
 class UniformController(Controller):
     """Spends the same compute on every token: the static schedule of the paper.
 
-    A float budget walks a ladder of actions that reduce attention and MLP keep together
+    A float budget walks a ladder of actions that reduce attention and activation keep together
     (both axes at the grid level nearest above a common fraction, 16 bits), and alternates the
     two ladder actions around the target so the running mean cost lands on it. Where a denser
     action costs no more at the row's context length on this backend (attention sparsity that
-    would not save bytes at short contexts; an MLP keep whose sparse op is slower than the dense
+    would not save bytes at short contexts; an activation keep whose sparse op is slower than the dense
     projection), the densest such action stands in for the rung. Per-axis budgets do the same on
     each axis with its own levels.
     """
@@ -322,22 +322,22 @@ class UniformController(Controller):
 
     def __init__(self, space: ActionSpace):
         super().__init__(space)
-        fractions = sorted(set(space.attention_keep) | set(space.mlp_keep))
+        fractions = sorted(set(space.attention_keep) | set(space.activation_keep))
         ladder = set()
         for s in fractions:
             a = min(v for v in space.attention_keep if v >= s - 1e-9)
-            m = min(v for v in space.mlp_keep if v >= s - 1e-9)
+            m = min(v for v in space.activation_keep if v >= s - 1e-9)
             ladder.add(space.index_of(a, m, 16))
         self.ladder = sorted(ladder)
         # Each rung's denser stand-ins: the 16-bit actions that keep at least as much on both axes.
         # Where one of them costs no more on this backend at the row's context length (attention
-        # sparsity that would not save bytes at short contexts; an MLP keep whose sparse op would
+        # sparsity that would not save bytes at short contexts; an activation keep whose sparse op would
         # be slower than the dense projection), the densest such action is played instead.
         self.stand_ins = []
         for rung in self.ladder:
             ia, im, _ = space.axis_indices_host(rung)
             denser = [
-                space.index_of(a, m, 16) for a in space.attention_keep[ia:] for m in space.mlp_keep[im:]
+                space.index_of(a, m, 16) for a in space.attention_keep[ia:] for m in space.activation_keep[im:]
             ]
             self.stand_ins.append(sorted(denser, key=lambda i: -sum(space.axis_indices_host(i)[:2])))
         self._on_device: dict[torch.device, tuple] = {}
@@ -360,7 +360,7 @@ class UniformController(Controller):
             self._on_device[device] = (
                 torch.tensor(self.ladder, device=device),
                 torch.tensor(padded, device=device),
-                [torch.tensor(levels, device=device) for levels in (self.space.attention_keep, self.space.mlp_keep, bits)],
+                [torch.tensor(levels, device=device) for levels in (self.space.attention_keep, self.space.activation_keep, bits)],
             )
         return self._on_device[device]
 
@@ -444,7 +444,7 @@ class SurpriseRuleController(Controller):
 
     Args:
         space: the model's action space.
-        full, cheap: (attention keep, MLP keep, bits) of the two actions; ``cheap`` must be the
+        full, cheap: (attention keep, activation keep, bits) of the two actions; ``cheap`` must be the
             cheaper one.
     """
 

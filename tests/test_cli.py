@@ -79,11 +79,11 @@ def eval_args(base_dir, docs_root, *extra, config=None):
 
 def test_eval_writes_json_and_markdown(base_dir, docs_root, sol_config_file, tmp_path, capsys):
     out, md = tmp_path / "r.json", tmp_path / "r.md"
-    assert main(eval_args(base_dir, docs_root, "--budgets", "0.9", "attention=0.5,mlp=0.8", "--output", str(out),
+    assert main(eval_args(base_dir, docs_root, "--budgets", "0.9", "attention=0.5,activation=0.8", "--output", str(out),
                           "--markdown", str(md), config=sol_config_file)) == 0
     data = json.loads(out.read_text())
     assert data["protocol"]["windows"] == 4 and data["protocol"]["controlled_steps"] == 4
-    assert [b["label"] for b in data["budgets"]] == ["0.9", "attention=0.5,mlp=0.8"]
+    assert [b["label"] for b in data["budgets"]] == ["0.9", "attention=0.5,activation=0.8"]
     assert data["metadata"]["sections"] == ["tutorial", "faq"]
     printed = capsys.readouterr().out
     assert "| - | dense |" in printed and md.read_text() in printed
@@ -106,9 +106,13 @@ def test_eval_errors_are_one_line_exit_2(base_dir, docs_root, sol_config_file, c
     assert needle in run_error(eval_args(base_dir, docs_root, *extra, config=sol_config_file), capsys)
 
 
-def test_policy_too_large_for_any_cost_budget(base_dir, docs_root, capsys):
-    """The default policy size (0.5 % of a real model) outweighs this tiny model: say so."""
-    assert "no unified-cost budget is reachable" in run_error(eval_args(base_dir, docs_root, "--budgets", "0.9"), capsys)
+def test_policy_too_large_for_any_cost_budget(base_dir, docs_root, tmp_path, capsys):
+    """A policy whose weights outweigh what this tiny model's cheapest action saves: say so."""
+    from sol_hf import SolConfig
+
+    SolConfig(policy_hidden_size=256, policy_heads=4, policy_layers=2).save_pretrained(tmp_path)
+    err = run_error(eval_args(base_dir, docs_root, "--budgets", "0.9", config=tmp_path / "sol_config.json"), capsys)
+    assert "no budget below 1.0 is reachable" in err
 
 
 def test_bad_base_and_text_paths(base_dir, docs_root, tmp_path, capsys):
@@ -149,7 +153,7 @@ def test_generate_unreachable_budget(base_dir, capsys):
 
 def test_parse_budget():
     assert parse_budget("0.85") == 0.85
-    assert parse_budget("attention=0.5, mlp=0.8,bits=8") == {"attention": 0.5, "mlp": 0.8, "bits": 8.0}
+    assert parse_budget("attention=0.5, activation=0.8,bits=8") == {"attention": 0.5, "activation": 0.8, "bits": 8.0}
     for bad in ("0", "-1", "nan", "attention", "attention=x", "=0.5"):
         with pytest.raises(CLIError):
             parse_budget(bad)

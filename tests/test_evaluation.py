@@ -39,7 +39,7 @@ def tiny_base(seed: int = 0) -> LlamaForCausalLM:
 
 
 def sol_config() -> SolConfig:
-    return SolConfig(page_size=4, sink_tokens=4, recent_tokens=4, policy_hidden_size=16, policy_heads=2, action_embedding_size=8)
+    return SolConfig.from_preset("paper", page_size=4, sink_tokens=4, recent_tokens=4, policy_hidden_size=16, policy_heads=2, action_embedding_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_no_state_reaches_the_next_batch_or_call(pair):
     exactly the numbers they get when scored first, for every schedule."""
     model, _ = pair
     w = windows(6, seed=2)
-    evaluate_perplexity(model, windows(4, seed=3), CONTEXT, [{"attention": 0.1, "mlp": 0.4}], random_seeds=2, batch_size=2)
+    evaluate_perplexity(model, windows(4, seed=3), CONTEXT, [{"attention": 0.1, "activation": 0.4}], random_seeds=2, batch_size=2)
     after = evaluate_perplexity(model, w, CONTEXT, [0.85], random_seeds=2, batch_size=2, resamples=10)
     alone = evaluate_perplexity(model, w[4:], CONTEXT, [0.85], random_seeds=2, batch_size=2, resamples=10)
     assert alone["dense"]["window_nll"] == after["dense"]["window_nll"][4:]
@@ -147,7 +147,7 @@ def test_dense_row_is_the_base_models_teacher_forced_perplexity(pair):
     expected = math.exp(float(-lp.mean()))
     dense = result["dense"]
     assert dense["ppl"] == pytest.approx(expected, rel=1e-5)
-    assert (dense["cost"], dense["attention_keep"], dense["mlp_keep"], dense["bits"]) == (1.0, 1.0, 1.0, 16.0)
+    assert (dense["cost"], dense["attention_keep"], dense["activation_keep"], dense["bits"]) == (1.0, 1.0, 1.0, 16.0)
     assert dense["ppl_ci"][0] <= dense["ppl"] <= dense["ppl_ci"][1]
 
 
@@ -162,7 +162,7 @@ def test_baselines_are_matched_to_the_policys_achieved_budget(pair):
         assert seed["cost"] == pytest.approx(policy["cost"], abs=0.03)
     # per-axis matching: each axis lands on the policy's value, up to the grid's granularity
     per_axis = entry["uniform_per_axis"]
-    for axis, tol in (("attention_keep", 0.1), ("mlp_keep", 0.1), ("bits", 2.0)):
+    for axis, tol in (("attention_keep", 0.1), ("activation_keep", 0.1), ("bits", 2.0)):
         assert per_axis[axis] == pytest.approx(policy[axis], abs=tol), axis
     # best-of-N is the seed with the lowest perplexity; the mean is over the N seeds
     ppls = [s["ppl"] for s in entry["random_mean"]["seeds"]]

@@ -31,7 +31,7 @@ NEW_TOKENS = 6
 # A grid cheap enough that 0.5 is reachable on tiny models (the policy's own bytes count), and a
 # small policy (policy_hidden_size=32) so it does not dominate the tiny base's bytes.
 TINY_CONFIG = SolConfig(
-    mlp_keep=(0.1, 0.25, 0.5, 1.0), prune_intermediate=True, page_size=4, sink_tokens=1, recent_tokens=4,
+    activation_keep=(0.1, 0.25, 0.5, 1.0), sparse_inputs=("mlp_input", "mlp_output"), page_size=4, sink_tokens=1, recent_tokens=4,
     policy_hidden_size=32, policy_heads=2, policy_max_steps=64, budget_range=(0.4, 0.8),
 )
 BASE_COMMIT = "1" * 40
@@ -136,7 +136,7 @@ def _policy_logits(policy, lm_hidden: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(11)
     obs = PolicyObservation(
         hidden=torch.randn(2, 5, lm_hidden, generator=g), token_embedding=torch.randn(2, 5, lm_hidden, generator=g),
-        features=torch.rand(2, 5, 13, generator=g), previous_action=torch.randint(0, 33, (2, 5), generator=g),
+        features=torch.rand(2, 5, 13, generator=g), previous_action=torch.randint(0, policy.config.num_actions + 1, (2, 5), generator=g),
     )
     with torch.no_grad():
         return policy(obs)
@@ -206,7 +206,7 @@ def test_folder_holds_exactly_three_files_and_no_pickle(base_dirs, tmp_path):
     assert SolConfig.from_dict(saved).to_dict() == model.sol_config.to_dict()
     assert saved["base_fingerprint"] == base_fingerprint(model.base_model)
     assert saved["base_fingerprint"]["num_key_value_heads"] == 2 and saved["base_fingerprint"]["intermediate_size"] == 1024
-    assert saved["sol_hf_version"] and saved["format_version"] == 1
+    assert saved["sol_hf_version"] and saved["format_version"] == 2
     assert saved["base_model_name_or_path"] == base_dirs["llama"]
 
     card = ModelCard.load(tmp_path / "README.md")
@@ -392,7 +392,7 @@ BAD_ARTIFACTS = {
     "missing policy.safetensors": (lambda f: (f / POLICY_WEIGHTS_NAME).unlink(), "no policy.safetensors"),
     "invalid JSON": (lambda f: (f / "sol_config.json").write_text('{"attention_keep": [0.5, 1.0'), "not valid JSON"),
     "JSON not an object": (lambda f: (f / "sol_config.json").write_text("[1, 2]"), "must hold a JSON object"),
-    "newer format": (lambda f: _edit_config(f, format_version=2, kv_refresh_schedule="x"), "newer sol_hf"),
+    "newer format": (lambda f: _edit_config(f, format_version=3, kv_refresh_schedule="x"), "newer sol_hf"),
     "invalid config value": (lambda f: _edit_config(f, page_size=-1), "valid SolConfig.*page_size"),
     "unknown config field": (lambda f: _edit_config(f, surprise=1), "unknown SolConfig fields"),
     "tampered fingerprint": (_tamper_fingerprint, "does not match its fields"),
@@ -519,7 +519,7 @@ def test_smollm2_round_trip_and_card_snippet(smollm2_path, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
     tokenizer.padding_side = "left"
     enc = tokenizer(["The capital of France is", "Once upon a time, there was a"], padding=True, return_tensors="pt")
-    config = SolConfig(mlp_keep=(0.1, 0.25, 0.5, 1.0), prune_intermediate=True, budget_range=(0.4, 0.8))
+    config = SolConfig(activation_keep=(0.1, 0.25, 0.5, 1.0), sparse_inputs=("mlp_input", "mlp_output"), budget_range=(0.4, 0.8))
     model = SolForCausalLM(AutoModelForCausalLM.from_pretrained(smollm2_path), config)
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():

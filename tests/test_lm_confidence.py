@@ -27,7 +27,7 @@ def test_confidence_features_by_hand():
 
 
 def _confident_policy_model(model_type: str, seed: int = 0) -> SolForCausalLM:
-    config = SolConfig(page_size=4, sink_tokens=4, recent_tokens=4, policy_hidden_size=16, policy_heads=2,
+    config = SolConfig.from_preset("paper", page_size=4, sink_tokens=4, recent_tokens=4, policy_hidden_size=16, policy_heads=2,
                        action_embedding_size=8, observe_lm_confidence=True)
     layers = {"gpt2": {"n_layer": 4}}.get(model_type, {"num_hidden_layers": 4})
     model = SolForCausalLM(tiny_model(model_type, seed=seed, intermediate_size=256, **layers), config)
@@ -161,6 +161,6 @@ def test_surprise_rule_saves_after_unsurprising_tokens_and_matches_in_generate()
     assert 0 < decided_cheap < 3 * STEPS
     assert abs(float(generated_cost.mean()) - budget) < 0.05
     with pytest.raises(ValueError, match="unified compute_budget"):
-        model.generate(context, max_new_tokens=3, compute_budget={"mlp": 0.6}, controller=rule)
+        model.generate(context, max_new_tokens=3, compute_budget={"activation": 0.6}, controller=rule)
     with pytest.raises(ValueError, match="different actions"):
         SurpriseRuleController(model.space, full=(1.0, 0.4, 16), cheap=(1.0, 0.4, 16))

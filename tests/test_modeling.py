@@ -16,10 +16,10 @@ from sol_hf.policy import Controller
 
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
-SMALL = SolConfig(page_size=4, sink_tokens=2, recent_tokens=4, policy_hidden_size=64)
-# MLP-heavy tiny model + intermediate pruning: budgets down to ~0.48 are reachable.
+# The paper's axes (MLP-input sparsity, activation bits) and the default (sparsity on every projection).
+SMALL = SolConfig.from_preset("paper", page_size=4, sink_tokens=2, recent_tokens=4, policy_hidden_size=64)
 WIDE = dict(intermediate_size=768)
-WIDE_CONFIG = SolConfig(page_size=4, sink_tokens=2, recent_tokens=4, policy_hidden_size=64, prune_intermediate=True)
+WIDE_CONFIG = SolConfig(page_size=4, sink_tokens=2, recent_tokens=4, policy_hidden_size=64)
 
 
 def _ids(batch, length, seed=0):
@@ -49,7 +49,7 @@ def test_full_budget_reproduces_base(family):
     ids = _ids(2, 30)
     kw = dict(max_new_tokens=16, do_sample=False, output_scores=True, return_dict_in_generate=True)
     expected = ref.generate(ids, **kw)
-    for budget in (None, 1.0, torch.ones(2), {"attention": 1.0, "mlp": 1.0, "bits": 16}):
+    for budget in (None, 1.0, torch.ones(2), {"attention": 1.0, "activation": 1.0, "bits": 16}):
         got = model.generate(ids, compute_budget=budget, **kw)
         assert torch.equal(got.sequences, expected.sequences), budget
         for a, b in zip(got.scores, expected.scores):
@@ -194,11 +194,20 @@ def test_sparse_attention_matches_brute_force(selection, group):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def _manual_mlp_model(family, keep_fraction, bits):
-    """A reference copy whose MLP input keeps the top-k |x| by a Python sort, and whose MLP
-    output is quantized by explicit per-token arithmetic."""
-    ref = tiny_model(family)
-    layers = ref.model.layers
+LLAMA_SITES = {
+    "attention_input": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    "attention_output": ("self_attn", ("o_proj",)),
+    "mlp_input": ("mlp", ("gate_proj", "up_proj")),
+    "mlp_output": ("mlp", ("down_proj",)),
+}
+
+
+def _manual_pruned_model(family, keep_fraction, bits, sites):
+    """A reference copy whose projections at ``sites`` see their input with only the top-k |x|
+    channels kept (a Python sort per token), and whose MLP output is quantized by explicit
+    per-token arithmetic. One KV head per head: with grouped-query attention a row's first
+    attention output repeats values, and ties make "the top k" ambiguous."""
+    ref = tiny_model(family, num_key_value_heads=4)
 
     def prune(module, args):
         x = args[0].clone()
@@ -216,21 +225,41 @@ def _manual_mlp_model(family, keep_fraction, bits):
         scale = out.abs().amax(-1, keepdim=True) / qmax
         return torch.clamp(torch.round(out / scale), -qmax, qmax) * scale
 
-    for layer in layers:
-        layer.mlp.register_forward_pre_hook(prune)
+    for layer in ref.model.layers:
+        for site in sites:
+            owner, names = LLAMA_SITES[site]
+            for name in names:
+                getattr(getattr(layer, owner), name).register_forward_pre_hook(prune)
         layer.mlp.register_forward_hook(quantize)
     return ref
 
 
-@pytest.mark.parametrize("mlp_keep,bits", [(0.6, 16), (1.0, 8), (0.4, 5)])
-def test_mlp_actions_match_brute_force(mlp_keep, bits):
-    config = SolConfig(page_size=4, sink_tokens=2, recent_tokens=4, policy_hidden_size=64, mlp_keep=(0.4, 0.6, 1.0), bits=(5, 8, 16))
-    model = SolForCausalLM(tiny_model("llama"), config)
-    ref = _manual_mlp_model("llama", mlp_keep, bits)
+@pytest.mark.parametrize(
+    "sites,activation_keep,bits",
+    [(("mlp_input",), 0.6, 16), (("mlp_input",), 1.0, 8), (("mlp_input",), 0.4, 5),
+     (("attention_input", "attention_output", "mlp_input", "mlp_output"), 0.4, 16),
+     (("attention_input", "attention_output"), 0.6, 8), (("mlp_output",), 0.4, 16)],
+)
+def test_activation_actions_match_brute_force(sites, activation_keep, bits):
+    config = SolConfig(page_size=4, sink_tokens=2, recent_tokens=4, policy_hidden_size=64, activation_keep=(0.4, 0.6, 1.0),
+                       bits=(5, 8, 16), sparse_inputs=sites)
+    model = SolForCausalLM(tiny_model("llama", num_key_value_heads=4), config)
+    ref = _manual_pruned_model("llama", activation_keep, bits, sites)
     ids = _ids(2, 9)
-    action = model.space.index_of(1.0, mlp_keep, bits)
-    got = model(ids, actions=torch.full_like(ids, action)).logits
-    torch.testing.assert_close(got, ref(ids).logits, atol=2e-5, rtol=1e-4)
+    action = model.space.index_of(1.0, activation_keep, bits)
+    expected = ref(ids).logits
+    got = model(ids, actions=torch.full_like(ids, action)).logits  # teacher-forced: the masked reference
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    # Decode steps one token at a time run the executed ops (kept weight rows): same logits.
+    prefix = model(ids[:, :5], actions=torch.full((2, 5), action), use_cache=True)
+    cache, steps = prefix.cache, []
+    for t in range(5, 9):
+        out = model(ids[:, t : t + 1], cache=cache, actions=torch.full((2, 1), action), use_cache=True)
+        cache = out.cache
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), expected[:, 5:], atol=2e-5, rtol=1e-4)
+    if activation_keep < 1.0:
+        assert not torch.allclose(got, tiny_model("llama", num_key_value_heads=4)(ids).logits, atol=1e-3)  # the action acted
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,19 +269,21 @@ def test_mlp_actions_match_brute_force(mlp_keep, bits):
 
 def test_cost_model_matches_hand_count():
     # tiny llama: hidden 64, intermediate 128, 2 layers, 4 heads, 2 KV heads, head_dim 16, vocab 96, fp32.
-    model = SolForCausalLM(tiny_model("llama"), SolConfig(page_size=4, sink_tokens=2, recent_tokens=4, policy_hidden_size=64))
+    # The paper preset prunes the MLP input only: q, k, v, o and down are fixed.
+    model = SolForCausalLM(tiny_model("llama"), SMALL)
     b = model.cost_model.bytes
-    per_layer_fixed = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 2 * 64  # q, k, v, o, two norms
+    per_layer_fixed = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 128 * 64 + 2 * 64  # q, k, v, o, down, two norms
     fixed = 2 * per_layer_fixed + 96 * 64 + 64 + 64  # layers, lm_head, final norm, one embedding row
     assert b.fixed == fixed * 4
-    assert b.mlp_input == 2 * (2 * 64 * 128) * 4
-    assert b.mlp_output == 2 * (64 * 128) * 4
-    assert b.mlp_input_row_bytes == (2 * 128 * 4,) * 2  # gate + up rows of one input channel
+    (site,) = b.sites
+    assert (site.name, site.total) == ("mlp_input", 2 * (2 * 64 * 128) * 4)
+    assert site.widths == (64, 64) and site.row_bytes == (2 * 128 * 4,) * 2  # gate + up rows of one input channel
     assert b.kv_per_token == (2 * 2 * 16 * 4,) * 2
+    fixed = fixed - 2 * 128 * 64  # below, the MLP output projections are counted apart (65536 bytes)
     action = model.space.index_of(0.5, 0.6, 8)
     # At 40 tokens: dense = weights + 40 tokens of K/V in both layers (activation bits save nothing).
     dense = fixed * 4 + 131072 + 65536 + 2 * 40 * 256
-    # Nominal (an ideal kernel): MLP keep 0.6 of the input weights; keep 0.5 -> ceil(20 / 4) = 5 of
+    # Nominal (an ideal kernel): activation keep 0.6 of the input weights; keep 0.5 -> ceil(20 / 4) = 5 of
     # 10 pages read plus 10 pages of Quest bounds.
     nominal = fixed * 4 + 0.6 * 131072 + 65536 + 2 * 20 * 256 + 2 * 10 * 256
     nominal_table = model.cost_model.nominal_cost_table(torch.tensor([40]), with_policy=False)
@@ -276,6 +307,23 @@ def test_cost_model_matches_hand_count():
     assert out.step_cost.item() == pytest.approx(sparse / dense, rel=1e-6)
 
 
+def test_default_sites_by_hand():
+    """The default prunes the inputs of q/k/v (fused: 64 + 32 + 32 outputs per input channel),
+    o, gate/up and down; what stays fixed is norms, the LM head and the embedding row."""
+    model = SolForCausalLM(tiny_model("llama"), SolConfig(policy_hidden_size=64))
+    b = model.cost_model.bytes
+    assert [(s.name, s.widths, s.row_bytes) for s in b.sites] == [
+        ("attention_input", (64, 64), (128 * 4,) * 2),
+        ("attention_output", (64, 64), (64 * 4,) * 2),
+        ("mlp_input", (64, 64), (256 * 4,) * 2),
+        ("mlp_output", (128, 128), (64 * 4,) * 2),
+    ]
+    assert b.fixed == (2 * 2 * 64 + 96 * 64 + 64 + 64) * 4
+    assert b.sparse_total == 2 * (64 * 128 + 64 * 64 + 64 * 256 + 128 * 64) * 4
+    # Hand-made transposed copies: every site's weights once (nn.Linear layouts).
+    assert model.prepared_weight_bytes == b.sparse_total
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_executed_ops_match_the_reference_per_row_in_padded_batches(family):
     """Decode steps run the executed ops (kept weight rows, gathered pages); a teacher-forced
@@ -288,7 +336,7 @@ def test_executed_ops_match_the_reference_per_row_in_padded_batches(family):
     mask[2, :11] = 0
     steps = 6
     actions = torch.randint(0, model.space.num_actions, (3, steps), generator=torch.Generator().manual_seed(2))
-    actions[0, :3] = model.space.index_of(0.1, 0.4, 16)  # row 0: sparsest pages, most pruned
+    actions[0, :3] = model.space.index_of(0.1, min(model.space.activation_keep), 16)  # row 0: sparsest pages, most pruned
     context = 40 - steps
     prefix = model(ids[:, :context], attention_mask=mask[:, :context], use_cache=True)
     parallel = model(ids[:, context:], attention_mask=mask, cache=prefix.cache, actions=actions, use_cache=True)
@@ -312,14 +360,14 @@ def test_report_counts_the_bytes_the_executed_ops_read(backend, monkeypatch):
     model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
     model.attention_overhead_bytes["cpu"] = 0.0
     cm = model.cost_model
-    read = {"mlp": 0.0, "kv": 0.0}
+    read = {"activation": 0.0, "kv": 0.0}
     token_bytes = cm.bytes.kv_per_token[0]
 
     def count_mlp(real):
         def wrapped(x, weight_t, channel_idx, channel_count, bias=None, **kw):
             # channel_count None: every row uses all its candidate channels
             rows = channel_idx.numel() if channel_count is None else int(channel_count.clamp(max=channel_idx.shape[1]).sum())
-            read["mlp"] += rows * weight_t.shape[1] * weight_t.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
+            read["activation"] += rows * weight_t.shape[1] * weight_t.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
             return real(x, weight_t, channel_idx, channel_count, bias, **kw)
         return wrapped
 
@@ -343,20 +391,20 @@ def test_report_counts_the_bytes_the_executed_ops_read(backend, monkeypatch):
     context, new = 48, 7
     with use_backend(backend):
         model.generate(_ids(1, context), max_new_tokens=new, do_sample=False, controller="uniform",
-                       compute_budget={"attention": 0.25, "mlp": 0.4})
+                       compute_budget={"attention": 0.25, "activation": 0.4})  # keeps 0.3 and 0.5: both run sparse
     report = model.last_compute_report
     lengths = torch.arange(context + 1, context + new)  # the controlled steps' context lengths
     dense = cm.dense_bytes(lengths)
     fixed = cm.bytes.fixed * len(lengths)  # every step reads the fixed weights; MLP and KV were counted above
-    expected = (fixed + read["mlp"] + read["kv"]) / dense.sum()
-    assert read["mlp"] > 0 and read["kv"] > 0
+    expected = (fixed + read["activation"] + read["kv"]) / dense.sum()
+    assert read["activation"] > 0 and read["kv"] > 0
     # the report averages per-step fractions; the steps' dense bytes differ by < 1 %
     assert report.cost.item() == pytest.approx(float(expected), rel=0.02)
     assert report.cost.item() == pytest.approx(report.standalone_cost.item(), rel=0.02)
     assert report.cost.item() < report.nominal_cost.item() + 0.05
 
 
-def test_mlp_keeps_whose_sparse_op_would_be_slower_run_dense_and_are_credited_nothing(monkeypatch):
+def test_activation_keeps_whose_sparse_op_would_be_slower_run_dense_and_are_credited_nothing(monkeypatch):
     """Hidden 64: keeps 0.6 / 0.8 keep 39 / 52 channels. At the CPU read factor 1.35, reading 52
     rows sparsely is slower than 64 densely, so keep 0.8 runs the masked dense projection and
     costs what dense costs; keep 0.6 runs the sparse op. Factor 1.0: both run sparse."""
@@ -403,10 +451,10 @@ def test_per_row_budgets_and_per_axis_budgets():
     assert cost[0].item() == pytest.approx(0.6, rel=0.02)
     assert cost[1].item() == pytest.approx(0.8, rel=0.02)
     assert cost[2].item() == pytest.approx(1.0)  # a full-budget row runs dense
-    model.generate(ids, max_new_tokens=66, do_sample=False, compute_budget={"attention": 0.4, "mlp": 0.7}, controller="uniform")
+    model.generate(ids, max_new_tokens=66, do_sample=False, compute_budget={"attention": 0.4, "activation": 0.7}, controller="uniform")
     report = model.last_compute_report
     torch.testing.assert_close(report.attention_keep, torch.full((3,), 0.4), atol=0.01, rtol=0)
-    torch.testing.assert_close(report.mlp_keep, torch.full((3,), 0.7), atol=0.01, rtol=0)
+    torch.testing.assert_close(report.activation_keep, torch.full((3,), 0.7), atol=0.01, rtol=0)
     torch.testing.assert_close(report.bits, torch.full((3,), 16.0))
 
 
@@ -418,7 +466,7 @@ def test_random_controller_meets_budget_and_depends_on_seed():
         model.generate(ids, max_new_tokens=70, do_sample=False, compute_budget=0.7, controller="random", controller_kwargs={"seed": seed})
         out[seed] = model.last_compute_report
         assert torch.all((out[seed].standalone_cost - 0.7).abs() <= 0.02 * 0.7)
-    assert not torch.equal(out[0].mlp_keep, out[1].mlp_keep) or not torch.equal(out[0].attention_keep, out[1].attention_keep)
+    assert not torch.equal(out[0].activation_keep, out[1].activation_keep) or not torch.equal(out[0].attention_keep, out[1].attention_keep)
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,7 +486,7 @@ def test_random_controller_meets_budget_and_depends_on_seed():
         ({"attn": 0.5}, ValueError, r"unknown axes \['attn'\]"),
         ({}, ValueError, "dict is empty"),
         ({"bits": 40}, ValueError, r"compute_budget\['bits'\] must lie in \[2, 16\]"),
-        ({"mlp": 0.0}, ValueError, r"compute_budget\['mlp'\] must lie in \(0, 1\]"),
+        ({"activation": 0.0}, ValueError, r"compute_budget\['activation'\] must lie in \(0, 1\]"),
         (torch.tensor([0.5, 0.6, 0.7]), ValueError, r"shape \(2,\), one budget per batch row"),
         (torch.tensor([0.5, float("nan")]), ValueError, r"values must lie in \(0, 1\]"),
         (0.05, ValueError, r"below the cheapest reachable cost .*budget_range"),
@@ -533,17 +581,17 @@ def test_decode_step_makes_no_host_sync(monkeypatch):
 def test_the_guard_catches_a_sync(monkeypatch):
     """The sync detector above must be able to fail: a step that calls .item() is caught."""
     from sol_hf.ops import use_backend
-    from sol_hf.runtime import mlp
+    from sol_hf.runtime import projections
 
     model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
-    original = mlp._PrunedProjections.counts
+    original = projections._PrunedProjections.counts
 
     def syncing(self, device):
         counts = original(self, device)
         counts.max().item()
         return counts
 
-    monkeypatch.setattr(mlp._PrunedProjections, "counts", syncing)
+    monkeypatch.setattr(projections._PrunedProjections, "counts", syncing)
     violations = []
     with use_backend("triton"):
         _sync_guard(monkeypatch, violations)
@@ -563,7 +611,7 @@ def test_smollm2_full_budget_is_exact_and_budgets_are_met(smollm2_path):
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
     ref = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
-    model = SolForCausalLM(AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval(), SolConfig(prune_intermediate=True))
+    model = SolForCausalLM(AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval(), SolConfig(sparse_inputs=("mlp_input", "mlp_output")))
     batch = tokenizer(["The capital of France is", "Once upon a time, there was a little"], return_tensors="pt", padding=True, padding_side="left")
     kw = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
     expected = ref.generate(**batch, **kw)

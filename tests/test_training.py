@@ -361,7 +361,7 @@ def test_train_policy_end_to_end_writes_only_the_artifact(tmp_path):
     texts = [" ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (200,), generator=rng)) for _ in range(10)]
     out = train_policy(
         str(base_dir), str(tmp_path / "policy"), texts=texts, steps=1, context_length=CONTEXT, rollout_steps=STEPS,
-        windows_per_step=2, num_generations=K, grid={"attention_keep": (0.5, 1.0), "mlp_keep": (0.5, 1.0), "bits": (8, 16)},
+        windows_per_step=2, num_generations=K, grid={"attention_keep": (0.5, 1.0), "activation_keep": (0.5, 1.0), "bits": (8, 16)},
         sol_config_overrides={"page_size": 4, "sink_tokens": 4, "recent_tokens": 4, "policy_hidden_size": 16, "policy_heads": 2},
         progress=False, dataloader_pin_memory=False,
     )

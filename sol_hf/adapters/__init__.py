@@ -1,7 +1,7 @@
 """Where each model family keeps the parts SOL acts on, keyed by ``config.model_type``.
 
 Adding a family is one entry: the dotted path to the decoder layers, the attention and MLP
-attributes of a layer, the MLP's input projections and output projection, and the final norm.
+attributes of a layer, the input and output projections of each, and the final norm.
 Attention itself needs no entry: every supported family routes attention through
 transformers' ``AttentionInterface``, where SOL registers its function.
 """
@@ -24,8 +24,11 @@ class ModelAdapter:
         attention: attribute of a decoder layer holding the attention module.
         mlp: attribute of a decoder layer holding the MLP (its input is the MLP input SOL prunes,
             its output the activation SOL quantizes).
-        mlp_input_projections: attributes of the MLP that read the MLP input (pruned columns).
+        mlp_input_projections: attributes of the MLP that read the MLP input.
         mlp_output_projection: attribute of the MLP that reads the intermediate activation.
+        attention_input_projections: attributes of the attention module that read the layer's
+            normed hidden state (q/k/v, or one fused projection).
+        attention_output_projection: attribute of the attention module that reads its output.
         final_norm: dotted path to the final norm, whose output is the hidden state the policy reads.
         embeddings: dotted paths of modules that look up one row per token (not whole reads).
     """
@@ -37,6 +40,20 @@ class ModelAdapter:
     mlp_output_projection: str
     final_norm: str
     embeddings: tuple[str, ...]
+    attention_input_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    attention_output_projection: str = "o_proj"
+
+    def site_projections(self, layer: nn.Module, site: str) -> list[nn.Module]:
+        """The modules of one decoder ``layer`` that read the input of ``site`` (one of
+        :data:`sol_hf.config.SPARSE_INPUT_SITES`)."""
+        owner, names = {
+            "attention_input": (self.attention, self.attention_input_projections),
+            "attention_output": (self.attention, (self.attention_output_projection,)),
+            "mlp_input": (self.mlp, self.mlp_input_projections),
+            "mlp_output": (self.mlp, (self.mlp_output_projection,)),
+        }[site]
+        module = getattr(layer, owner)
+        return [getattr(module, name) for name in names]
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -68,6 +85,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         mlp_output_projection="down_proj",
         final_norm="model.norm",
         embeddings=("model.embed_tokens",),
+        attention_input_projections=("qkv_proj",),
     ),
     "gpt_neox": ModelAdapter(
         layers="gpt_neox.layers",
@@ -77,6 +95,8 @@ ADAPTERS: dict[str, ModelAdapter] = {
         mlp_output_projection="dense_4h_to_h",
         final_norm="gpt_neox.final_layer_norm",
         embeddings=("gpt_neox.embed_in",),
+        attention_input_projections=("query_key_value",),
+        attention_output_projection="dense",
     ),
     "gpt2": ModelAdapter(
         layers="transformer.h",
@@ -86,6 +106,8 @@ ADAPTERS: dict[str, ModelAdapter] = {
         mlp_output_projection="c_proj",
         final_norm="transformer.ln_f",
         embeddings=("transformer.wte", "transformer.wpe"),
+        attention_input_projections=("c_attn",),
+        attention_output_projection="c_proj",
     ),
 }
 

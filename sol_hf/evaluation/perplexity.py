@@ -10,7 +10,7 @@ the same code training uses). Per budget and batch of windows:
    model scores the same tokens from the same prefill (first budget only);
 2. the baselines run in *one* batch that shares one dense prefill, each window matched to what
    the policy achieved **on that window**: the uniform controller on the unified cost, the
-   uniform controller on each axis (attention keep, MLP keep, bits, as the paper), and ``N``
+   uniform controller on each axis (attention keep, activation keep, bits, as the paper), and ``N``
    random schedules (one seed each) on the unified cost.
 
 Leak-freedom comes from the runtime, not from clean-up here: a forward call without
@@ -76,7 +76,7 @@ class GroupedController(Controller):
 
 
 def budget_label(budget: float | dict) -> str:
-    """Short text for a budget spec: ``0.85`` or ``attention=0.7,mlp=0.9,bits=10``."""
+    """Short text for a budget spec: ``0.85`` or ``attention=0.7,activation=0.9,bits=10``."""
     if isinstance(budget, dict):
         return ",".join(f"{k}={v:g}" for k, v in budget.items())
     return f"{float(budget):g}"
@@ -87,7 +87,7 @@ class _Collected:
     """Per-window results of one schedule, concatenated over batches."""
 
     log_probs: list[torch.Tensor] = field(default_factory=list)  # (b, T) each
-    means: list[torch.Tensor] = field(default_factory=list)  # (b, 4): cost, attention, mlp, bits
+    means: list[torch.Tensor] = field(default_factory=list)  # (b, 4): cost, attention, activation, bits
 
     def add(self, log_probs: torch.Tensor, means: torch.Tensor) -> None:
         self.log_probs.append(log_probs.detach().double().cpu())
@@ -101,9 +101,9 @@ class _Collected:
 
 
 def _window_means(batch: EpisodeBatch, rows: slice | None = None) -> torch.Tensor:
-    """(R, 4) per-row means over the T steps: cost, attention keep, MLP keep, bits (not /16)."""
+    """(R, 4) per-row means over the T steps: cost, attention keep, activation keep, bits (not /16)."""
     means = torch.stack(
-        [batch.step_cost.double(), batch.attention_keep.double(), batch.mlp_keep.double(), batch.bits.double()], dim=-1
+        [batch.step_cost.double(), batch.attention_keep.double(), batch.activation_keep.double(), batch.bits.double()], dim=-1
     ).mean(1)
     return means if rows is None else means[rows]
 
@@ -140,7 +140,7 @@ def _row(name: str, nll: torch.Tensor, means: torch.Tensor, indices: torch.Tenso
         "nll": float(nll.mean()),
         "cost": float(m[0]),
         "attention_keep": float(m[1]),
-        "mlp_keep": float(m[2]),
+        "activation_keep": float(m[2]),
         "bits": float(m[3]),
         "windows": int(nll.shape[0]),
         "window_nll": [float(v) for v in nll],
@@ -150,7 +150,7 @@ def _row(name: str, nll: torch.Tensor, means: torch.Tensor, indices: torch.Tenso
 def _target_report(budget: float | dict, achieved: dict[str, Any]) -> dict[str, Any]:
     """Relative error of the achieved values against each set budget dimension."""
     if isinstance(budget, dict):
-        pairs = {k: (float(v), achieved["attention_keep" if k == "attention" else "mlp_keep" if k == "mlp" else "bits"])
+        pairs = {k: (float(v), achieved["attention_keep" if k == "attention" else "activation_keep" if k == "activation" else "bits"])
                  for k, v in budget.items()}
     else:
         pairs = {"cost": (float(budget), achieved["cost"])}
@@ -214,7 +214,7 @@ def evaluate_perplexity(
     if not budgets:
         raise ValueError("give at least one budget")
     for budget in budgets:
-        parse_compute_budget(budget, 1)  # validates the spec
+        model.check_axis_targets(parse_compute_budget(budget, 1))  # validates the spec against the grid
     num_windows = windows.shape[0]
     space = model.space
     was_training = model.policy.training
@@ -290,7 +290,7 @@ def evaluate_perplexity(
             "ppl_max": float(random_ppls.max()),
             "cost": float(sum(r["cost"] for r in random_rows) / len(random_rows)),
             "attention_keep": float(sum(r["attention_keep"] for r in random_rows) / len(random_rows)),
-            "mlp_keep": float(sum(r["mlp_keep"] for r in random_rows) / len(random_rows)),
+            "activation_keep": float(sum(r["activation_keep"] for r in random_rows) / len(random_rows)),
             "bits": float(sum(r["bits"] for r in random_rows) / len(random_rows)),
             "seeds": [{"seed": int(n.removeprefix("random_seed")), "ppl": rows_out[n]["ppl"], "cost": rows_out[n]["cost"]} for n in random_names],
         }
@@ -340,7 +340,7 @@ def evaluate_perplexity(
             "bootstrap": {"resamples": resamples, "level": level, "unit": "window", "seed": seed},
             "action_grid": {
                 "attention_keep": list(space.attention_keep),
-                "mlp_keep": list(space.mlp_keep),
+                "activation_keep": list(space.activation_keep),
                 "bits": list(space.bits),
             },
         },

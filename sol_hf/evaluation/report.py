@@ -15,7 +15,7 @@ def _fmt_ppl(row: dict[str, Any]) -> str:
 
 
 def _axes(row: dict[str, Any]) -> str:
-    return f"{row['cost']:.3f} | {row['attention_keep']:.3f} | {row['mlp_keep']:.3f} | {row['bits']:.2f}"
+    return f"{row['cost']:.3f} | {row['attention_keep']:.3f} | {row['activation_keep']:.3f} | {row['bits']:.2f}"
 
 
 def _pct(value: float | None) -> str:
@@ -31,7 +31,7 @@ def markdown_table(data: dict[str, Any]) -> str:
         f"({proto['scored_tokens_per_schedule']} scored tokens per schedule) after a dense {proto['context_length']}-token "
         f"prefill; {int(100 * proto['bootstrap']['level'])} % bootstrap intervals over windows.",
         "",
-        "| budget | schedule | ppl [CI] | cost | attention keep | MLP keep | bits | ppl(schedule) - ppl(policy) [CI] | P(policy better) |",
+        "| budget | schedule | ppl [CI] | cost | attention keep | activation keep | bits | ppl(schedule) - ppl(policy) [CI] | P(policy better) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| - | dense | {_fmt_ppl(data['dense'])} | {_axes(data['dense'])} | | |",
     ]

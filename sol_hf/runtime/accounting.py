@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from ..actions import StepBytes
+from ..actions import SiteBytes, StepBytes
 from ..adapters import ModelAdapter
 from ..config import SolConfig
-from .mlp import projection_widths
+from .projections import projection_widths
 
 __all__ = ["measure_step_bytes", "SolComputeReport"]
 
@@ -20,20 +20,18 @@ def measure_step_bytes(base: PreTrainedModel, adapter: ModelAdapter, config: Sol
     """Bytes a decode step reads, from the base model's real parameters and its config."""
     unique = {id(p): p for p in base.parameters()}
     nbytes = lambda p: p.numel() * p.element_size()  # noqa: E731
-    mlp_in = mlp_out = 0
-    in_widths, in_rows, out_widths, out_rows = [], [], [], []
-    for layer in adapter.decoder_layers(base):
-        mlp = getattr(layer, adapter.mlp)
-        inputs = [getattr(mlp, name) for name in adapter.mlp_input_projections]
-        output = getattr(mlp, adapter.mlp_output_projection)
-        mlp_in += sum(nbytes(p) for m in inputs for p in m.parameters())
-        mlp_out += sum(nbytes(p) for p in output.parameters())
-        width, row = projection_widths(inputs)
-        in_widths.append(width)
-        in_rows.append(row)
-        width, row = projection_widths([output])
-        out_widths.append(width)
-        out_rows.append(row)
+    layers = adapter.decoder_layers(base)
+    sites = []
+    for site in config.sparse_inputs:
+        total, widths, rows = 0, [], []
+        for layer in layers:
+            projections = adapter.site_projections(layer, site)
+            total += sum(nbytes(p) for m in projections for p in m.parameters())
+            width, row = projection_widths(projections)
+            widths.append(width)
+            rows.append(row)
+        sites.append(SiteBytes(site, float(total), tuple(widths), tuple(rows)))
+    sparse_total = sum(site.total for site in sites)
     output_embedding = base.get_output_embeddings()
     lm_head_ids = {id(p) for p in output_embedding.parameters()} if output_embedding is not None else set()
     embedding_full = embedding_rows = 0
@@ -42,7 +40,7 @@ def measure_step_bytes(base: PreTrainedModel, adapter: ModelAdapter, config: Sol
         embedding_rows += weight.shape[-1] * weight.element_size()
         if id(weight) not in lm_head_ids:
             embedding_full += nbytes(weight)
-    fixed = sum(nbytes(p) for p in unique.values()) - mlp_in - mlp_out - embedding_full + embedding_rows
+    fixed = sum(nbytes(p) for p in unique.values()) - sparse_total - embedding_full + embedding_rows
     text = base.config.get_text_config()
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
@@ -57,17 +55,11 @@ def measure_step_bytes(base: PreTrainedModel, adapter: ModelAdapter, config: Sol
         window = (int(sliding),) * n_layers
     return StepBytes(
         fixed=float(fixed),
-        mlp_input=float(mlp_in),
-        mlp_output=float(mlp_out),
-        mlp_input_widths=tuple(in_widths),
-        mlp_input_row_bytes=tuple(in_rows),
-        mlp_output_widths=tuple(out_widths),
-        mlp_output_row_bytes=tuple(out_rows),
-        prune_intermediate=config.prune_intermediate,
+        sites=tuple(sites),
         kv_per_token=(float(2 * kv_heads * head_dim * element),) * n_layers,
         window=window,
         policy=float(policy_bytes),
-        weight_dtype=str(inputs[0].weight.dtype).removeprefix("torch."),  # the last layer's, as every layer's
+        weight_dtype=str(adapter.site_projections(layers[-1], "mlp_input")[0].weight.dtype).removeprefix("torch."),
     )
 
 
@@ -78,8 +70,8 @@ class SolComputeReport:
     Tensors are (B,) on the CPU; means over the controlled steps.
 
     Attributes:
-        cost: bytes the executing code read / bytes of the dense step: the fixed weights, the MLP
-            weight rows the executed projections read, the K/V slots and page metadata attention
+        cost: bytes the executing code read / bytes of the dense step: the fixed weights, the
+            kept weight rows the pruned projections read, the K/V slots and page metadata attention
             read, the policy's weights when a policy decided. In a batch, a read one row makes
             alone is charged to it, and a read the batch shares (a dense projection) is charged to
             every row in full, as a row decoded alone would read it.
@@ -89,7 +81,7 @@ class SolComputeReport:
         nominal_cost: the same actions priced as an ideal kernel would read them (keep fraction x
             weight bytes, selected pages plus their metadata), whatever actually executed.
         attention_read: K/V + metadata bytes attention read / the dense step's K/V bytes.
-        attention_keep, mlp_keep, bits: nominal per-axis means of the chosen actions.
+        attention_keep, activation_keep, bits: nominal per-axis means of the chosen actions.
         target: the unified budget per row (NaN where the row had a per-axis budget or none).
     """
 
@@ -100,11 +92,11 @@ class SolComputeReport:
     nominal_cost: torch.Tensor
     attention_keep: torch.Tensor
     attention_read: torch.Tensor
-    mlp_keep: torch.Tensor
+    activation_keep: torch.Tensor
     bits: torch.Tensor
     target: torch.Tensor = field(default=None)
 
-    _FIELDS = ("cost", "standalone_cost", "nominal_cost", "attention_keep", "attention_read", "mlp_keep", "bits", "target")
+    _FIELDS = ("cost", "standalone_cost", "nominal_cost", "attention_keep", "attention_read", "activation_keep", "bits", "target")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"controller": self.controller, "controlled_steps": self.controlled_steps}
@@ -120,7 +112,7 @@ class SolComputeReport:
             rows.append(
                 f"row {i}: cost {d['cost'][i]:.3f} (alone {d['standalone_cost'][i]:.3f}, nominal {d['nominal_cost'][i]:.3f}) "
                 f"| attention keep "
-                f"{d['attention_keep'][i]:.3f} (read {d['attention_read'][i]:.3f}) | mlp keep {d['mlp_keep'][i]:.3f} "
+                f"{d['attention_keep'][i]:.3f} (read {d['attention_read'][i]:.3f}) | activation keep {d['activation_keep'][i]:.3f} "
                 f"| bits {d['bits'][i]:.2f}"
             )
         return f"SolComputeReport({self.controller}, {self.controlled_steps} controlled steps)\n" + "\n".join(rows)

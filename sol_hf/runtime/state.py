@@ -1,7 +1,7 @@
 """The state a controlled forward call carries from the decision to the executing ops.
 
 A :class:`StepState` is set on the :class:`Runtime` of a wrapped model for the duration of one
-controlled forward call. The attention function and the patched MLP projections read the per-row
+controlled forward call. The attention function and the patched projections read the per-row
 actions from it and add the bytes they actually read to its counters.
 """
 
@@ -61,7 +61,7 @@ class HostPlan:
     device, so CUDA steps run without a plan (``StepState.host is None``) and never sync.
     """
 
-    mlp_index: tuple[int, ...]
+    activation_index: tuple[int, ...]
     attention_keep: tuple[float, ...]
     bits: tuple[int, ...]
 
@@ -80,13 +80,13 @@ class StepState:
 
     Attributes:
         attention_keep: (R,) float32 fraction of valid KV tokens to read.
-        mlp_index: (R,) int64 index of the MLP keep level in ``config.mlp_keep``.
+        activation_index: (R,) int64 index of the activation keep level in ``config.activation_keep``.
         bits: (R,) int64 MLP-output bit-width (16 = off).
         config: the model's :class:`SolConfig`.
         host: host copies of the actions (CPU), or ``None`` (Triton: sizes stay on the device).
         decode: one query per row (a decode step): the executed paths run. Teacher-forced calls
             with several positions per row run the masked reference ops instead.
-        mlp_bytes: MLP weight bytes the executed projections read, per row (added per layer).
+        projection_bytes: bytes of the pruned sites' weights the executed projections read, per row (added per layer).
         kv_bytes: K/V + page-metadata bytes attention read, per row (added per layer).
         left_padding: (B,) int64 padding tokens before each row's first token, or ``None``.
         total_length: tokens in the (padded) sequence so far, the current ones included.
@@ -96,12 +96,12 @@ class StepState:
     """
 
     attention_keep: torch.Tensor
-    mlp_index: torch.Tensor
+    activation_index: torch.Tensor
     bits: torch.Tensor
     config: SolConfig
     host: HostPlan | None = None
     decode: bool = True
-    mlp_bytes: ByteCounter | None = None
+    projection_bytes: ByteCounter | None = None
     kv_bytes: ByteCounter | None = None
     left_padding: torch.Tensor | None = None
     total_length: int = 0
@@ -110,8 +110,8 @@ class StepState:
 
     def __post_init__(self) -> None:
         rows = self.attention_keep.shape[0]
-        if self.mlp_bytes is None:
-            self.mlp_bytes = ByteCounter(rows)
+        if self.projection_bytes is None:
+            self.projection_bytes = ByteCounter(rows)
         if self.kv_bytes is None:
             self.kv_bytes = ByteCounter(rows)
 

@@ -4,7 +4,7 @@
 from hooks around each base-model forward; the teacher-forced episodes of training and
 evaluation call it in their loop. Between :meth:`ControlledStep.state` and
 :meth:`ControlledStep.account` the base model's forward runs, and the attention function and the
-MLP projections execute the actions (``sol_hf.runtime.attention``, ``sol_hf.runtime.mlp``).
+patched projections execute the actions (``sol_hf.runtime.attention``, ``sol_hf.runtime.projections``).
 """
 
 from __future__ import annotations
@@ -112,9 +112,7 @@ class ControlledStep:
         dense = tables["dense"]
         if self.count_executed:
             kv_bytes = step.kv_bytes.total(dense.device)
-            read = cost_model.bytes.fixed + step.mlp_bytes.total(dense.device) + kv_bytes
-            if not cost_model.bytes.prune_intermediate:  # the output projections ran dense, unpatched
-                read = read + cost_model.bytes.mlp_output
+            read = cost_model.bytes.fixed + step.projection_bytes.total(dense.device) + kv_bytes
             executed = (read + (cost_model.bytes.policy if uses_policy else 0.0)) / dense
             self.kv_read += kv_bytes
         else:
@@ -127,7 +125,7 @@ class ControlledStep:
         self.nominal_spent += nominal
         self.executed_spent += executed
         values = model.space.values(actions)
-        self.tracker.update(standalone, values["attention_keep"], values["mlp_keep"], values["bits"])
+        self.tracker.update(standalone, values["attention_keep"], values["activation_keep"], values["bits"])
         self.previous_action = actions
         return standalone.float()
 
@@ -175,7 +173,7 @@ class ControlledStep:
             nominal_cost=nominal,
             attention_keep=means[:, 1],
             attention_read=read,
-            mlp_keep=means[:, 2],
+            activation_keep=means[:, 2],
             bits=means[:, 3] * 16,
             target=torch.where(targets.is_set[:, 0], targets.values[:, 0], torch.nan).float().cpu(),
         )
@@ -184,7 +182,7 @@ class ControlledStep:
 def host_plan(values: dict[str, torch.Tensor]) -> HostPlan:
     """Read a step's per-row action values to the host (once per step; CPU only)."""
     return HostPlan(
-        mlp_index=tuple(values["mlp_index"].tolist()),
+        activation_index=tuple(values["activation_index"].tolist()),
         attention_keep=tuple(values["attention_keep"].tolist()),
         bits=tuple(values["bits"].tolist()),
     )

@@ -66,7 +66,7 @@ class SolGRPOConfig(GRPOConfig):
         advantage_normalization: ``"center"`` (authors) or ``"zscore"`` within each window's group.
         whiten_advantages: z-score all advantages of a generation batch together (authors: True).
         budget_penalty_weights: weights of the penalty per budget dimension
-            ``(cost, attention, mlp, bits)`` (authors: attention 100, MLP 100, bits 200; they had
+            ``(cost, attention, activation, bits)`` (authors: attention 100, MLP 100, bits 200; they had
             no unified-cost budget: 100 here). A dimension with one grid level gets weight 0.
         budget_tolerance: dead zone of the symmetric squared hinge on |episode mean - target|
             (authors: 0.02, hard-coded there).
@@ -76,7 +76,7 @@ class SolGRPOConfig(GRPOConfig):
             two with equal probability).
         cost_budget_range: (low, high) unified cost fraction; ``None`` uses the policy's
             ``SolConfig.budget_range`` raised to the cheapest reachable cost.
-        attention_budget_range, mlp_budget_range: (low, high) keep fractions (authors: (0.1, 1.0)
+        attention_budget_range, activation_budget_range: (low, high) keep fractions (authors: (0.1, 1.0)
             and (0.4, 1.0)).
         bits_budget_range: (low, high) bits (authors: (5, 16), i.e. q_ratio in [0.3125, 1]).
         budget_guard: slack of :func:`sol_hf.policy.budget_guard_mask` while sampling schedules:
@@ -116,7 +116,7 @@ class SolGRPOConfig(GRPOConfig):
     whiten_advantages: bool = field(default=True, metadata={"help": "Global z-score of advantages (authors: True)."})
     budget_penalty_weights: tuple[float, float, float, float] = field(
         default=(100.0, 100.0, 100.0, 200.0),
-        metadata={"help": "Penalty weights for (cost, attention, mlp, bits) (authors: -, 100, 100, 200)."},
+        metadata={"help": "Penalty weights for (cost, attention, activation, bits) (authors: -, 100, 100, 200)."},
     )
     budget_tolerance: float = field(default=0.02, metadata={"help": "Dead zone of the squared hinge (authors: 0.02)."})
     budget_mode: str = field(default="per_axis", metadata={"help": "'per_axis' (paper), 'cost' or 'mixed'."})
@@ -124,7 +124,7 @@ class SolGRPOConfig(GRPOConfig):
         default=None, metadata={"help": "Unified cost range; None: SolConfig.budget_range, floored at the cheapest cost."}
     )
     attention_budget_range: tuple[float, float] = field(default=(0.1, 1.0), metadata={"help": "Authors: U[0.1, 1]."})
-    mlp_budget_range: tuple[float, float] = field(default=(0.4, 1.0), metadata={"help": "Authors: U[0.4, 1]."})
+    activation_budget_range: tuple[float, float] = field(default=(0.4, 1.0), metadata={"help": "Authors: U[0.4, 1]."})
     bits_budget_range: tuple[float, float] = field(default=(5.0, 16.0), metadata={"help": "Authors: bits in [5, 16]."})
     budget_guard: float | None = field(default=None, metadata={"help": "Guard slack while sampling; None: off (authors)."})
 
@@ -153,10 +153,10 @@ class SolGRPOConfig(GRPOConfig):
         if self.context_length < 1 or self.rollout_steps < 1:
             raise ValueError(f"context_length and rollout_steps must be positive, got {self.context_length}, {self.rollout_steps}")
         if len(tuple(self.budget_penalty_weights)) != 4:
-            raise ValueError(f"budget_penalty_weights needs 4 weights (cost, attention, mlp, bits), got {self.budget_penalty_weights}")
+            raise ValueError(f"budget_penalty_weights needs 4 weights (cost, attention, activation, bits), got {self.budget_penalty_weights}")
         self.budget_penalty_weights = tuple(float(w) for w in self.budget_penalty_weights)
         for name, lo_min, hi_max in (
-            ("attention_budget_range", 0.0, 1.0), ("mlp_budget_range", 0.0, 1.0), ("bits_budget_range", 2.0, 16.0),
+            ("attention_budget_range", 0.0, 1.0), ("activation_budget_range", 0.0, 1.0), ("bits_budget_range", 2.0, 16.0),
             ("cost_budget_range", 0.0, 1.0),
         ):
             value = getattr(self, name)

@@ -87,11 +87,11 @@ def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
     return out
 
 
-def episode_means(step_cost: torch.Tensor, attention_keep: torch.Tensor, mlp_keep: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+def episode_means(step_cost: torch.Tensor, attention_keep: torch.Tensor, activation_keep: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """(R, T) per-step achieved values -> (R, 4) episode means over the budget dimensions
-    ``(cost, attention, mlp, bits / 16)`` (the layout of :class:`sol_hf.budget.BudgetTargets`)."""
+    ``(cost, attention, activation, bits / 16)`` (the layout of :class:`sol_hf.budget.BudgetTargets`)."""
     return torch.stack(
-        [step_cost.float().mean(-1), attention_keep.float().mean(-1), mlp_keep.float().mean(-1), bits.float().mean(-1) / 16.0],
+        [step_cost.float().mean(-1), attention_keep.float().mean(-1), activation_keep.float().mean(-1), bits.float().mean(-1) / 16.0],
         dim=-1,
     )
 
@@ -110,7 +110,7 @@ def budget_penalty(
     Args:
         achieved: (R, 4) episode means (see :func:`episode_means`).
         targets: (R, 4) targets in the same units; is_set: (R, 4) bool.
-        weights: (4,) per-dimension weights (cost, attention, mlp, bits); 0 disables a dimension.
+        weights: (4,) per-dimension weights (cost, attention, activation, bits); 0 disables a dimension.
     Returns:
         (R,) float32, >= 0. Under-spending is punished exactly like over-spending.
     """

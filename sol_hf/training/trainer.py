@@ -121,7 +121,7 @@ def sample_budget_targets(
     low = min(max(low, cheapest_cost), high)
     values[:, 0] = _uniform(generator, n, low, high)
     values[:, 1] = _uniform(generator, n, *args.attention_budget_range)
-    values[:, 2] = _uniform(generator, n, *args.mlp_budget_range)
+    values[:, 2] = _uniform(generator, n, *args.activation_budget_range)
     values[:, 3] = _uniform(generator, n, *args.bits_budget_range) / 16.0
     if args.budget_mode == "cost":
         use_cost = torch.ones(n, dtype=torch.bool)
@@ -187,7 +187,7 @@ class SolGRPOTrainer(GRPOTrainer):
         space = model.space
         weights = torch.tensor(args.budget_penalty_weights, dtype=torch.float32)
         # As the authors: an axis with a single grid level cannot be steered, so it is not penalised.
-        for i, levels in enumerate((space.attention_keep, space.mlp_keep, space.bits), start=1):
+        for i, levels in enumerate((space.attention_keep, space.activation_keep, space.bits), start=1):
             if len(levels) < 2:
                 weights[i] = 0.0
         self._penalty_weights = weights
@@ -254,7 +254,7 @@ class SolGRPOTrainer(GRPOTrainer):
         args = self.args
         rewards = step_rewards(batch.token_log_probs, batch.dense_kl, args.reward_type)
         returns = discounted_returns(priced_rewards(rewards, batch.step_cost, args.cost_price), args.reward_gamma)
-        achieved = episode_means(batch.step_cost, batch.attention_keep, batch.mlp_keep, batch.bits)
+        achieved = episode_means(batch.step_cost, batch.attention_keep, batch.activation_keep, batch.bits)
         penalty = budget_penalty(
             achieved, batch.targets.values, batch.targets.is_set, self._penalty_weights, args.budget_tolerance
         )
@@ -274,7 +274,7 @@ class SolGRPOTrainer(GRPOTrainer):
         metrics["budget/penalty"].append(gather(scored["penalty"]).mean().item())
         achieved, targets = scored["achieved"], batch.targets
         gap = ((achieved - targets.values).abs() * targets.is_set).sum(0) / targets.is_set.sum(0).clamp_min(1)
-        for i, name in enumerate(("cost", "attention", "mlp", "bits")):
+        for i, name in enumerate(("cost", "attention", "activation", "bits")):
             metrics[f"budget/{name}"].append(gather(achieved[:, i]).mean().item())
             metrics[f"budget/{name}_abs_gap"].append(gather(gap[i : i + 1]).mean().item())
         metrics["episode_time"].append(seconds)

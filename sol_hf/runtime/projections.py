@@ -1,12 +1,13 @@
-"""Where the MLP actions execute: input-channel pruning that reads only the kept weight rows.
+"""Where the activation actions execute: input-channel pruning that reads only the kept weight rows.
 
-At wrap time every MLP gets an :class:`MlpExecutor`. It prepares the transposed weight layout
-the sparse ops read, ``(Din, Dout)`` row-major so one input channel's weights are one contiguous
-row (the input projections of a gated MLP are fused into one ``(Din, Dout_gate + Dout_up)``
-matrix), and replaces the ``forward`` of the MLP's input projections (and, with
-``prune_intermediate``, its output projection) by an instance attribute. Outside a controlled
-step the original ``forward`` runs; :meth:`MlpExecutor.remove` deletes the attributes and frees
-the prepared copies.
+At wrap time every decoder layer gets a :class:`LayerExecutor`. For each site of
+``SolConfig.sparse_inputs`` (the attention's q/k/v projections, its output projection, the
+MLP's gate/up projections, its down projection) it prepares the transposed weight layout the
+sparse ops read, ``(Din, Dout)`` row-major so one input channel's weights are one contiguous row
+(projections that share their input are fused: q/k/v into one ``(Din, Dq + Dk + Dv)`` matrix,
+gate/up likewise), and replaces the ``forward`` of those projections by an instance attribute.
+Outside a controlled step the original ``forward`` runs; :meth:`LayerExecutor.remove` deletes
+the attributes and frees the prepared copies.
 
 During a controlled decode step each row keeps its top-``ceil(keep * Din)`` channels by
 ``|x|`` (``torch.topk``, no full sort on CPU), and the projections run one of two paths, chosen
@@ -25,8 +26,8 @@ masked dense path, the reference.
 Bytes are attributed to rows as they are read: a sparse row is charged its own rows, and a row
 of a dense call is charged the whole projection, as a row decoded alone would be.
 
-The MLP output's activation fake-quantization (the paper's bits axis) reads no fewer bytes on
-any backend; it is applied by a forward hook and credited nothing.
+The MLP output's activation fake-quantization (the paper's bits axis, hooked only where
+``SolConfig.bits`` has levels below 16) reads no fewer bytes on any backend; it is credited nothing.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ from .. import ops
 from ..actions import kept_count, read_factor, sparse_linear_pays
 from .state import Runtime, StepState
 
-__all__ = ["MlpExecutor", "quantize_output_hook", "projection_widths", "SPARSE_LINEAR_READ_FACTOR"]
+__all__ = ["LayerExecutor", "quantize_output_hook", "projection_widths", "SPARSE_LINEAR_READ_FACTOR"]
 
-# The sparse MLP op's time per byte over the dense projection's, per device type, optionally per
+# The sparse projection op's time per byte over the dense projection's, per device type, optionally per
 # weight dtype ("cpu:bfloat16"). CPU: torch's embedding_bag reads kept rows more slowly than
 # F.linear reads the whole weight (benchmarks/sparse_linear_cpu.py on this project's 2-core
 # machine, 2048 x 16384, one row: keep 0.4 / 0.6 / 0.8 took 0.50 / 0.72 / 1.04 of the dense time in
@@ -59,7 +60,7 @@ def _transposed_weight(module: nn.Module) -> torch.Tensor:
         return module.weight
     if isinstance(module, nn.Linear):
         return module.weight.t()
-    raise TypeError(f"MLP projection {type(module).__name__} is neither nn.Linear nor Conv1D; sol_hf cannot prune its input")
+    raise TypeError(f"projection {type(module).__name__} is neither nn.Linear nor Conv1D; sol_hf cannot prune its input")
 
 
 def projection_widths(projections: list[nn.Module]) -> tuple[int, float]:
@@ -67,7 +68,7 @@ def projection_widths(projections: list[nn.Module]) -> tuple[int, float]:
     weights = [_transposed_weight(p) for p in projections]
     widths = {w.shape[0] for w in weights}
     if len(widths) != 1:
-        raise ValueError(f"MLP input projections read different widths {sorted(widths)}; sol_hf cannot prune their shared input")
+        raise ValueError(f"projections that share an input read different widths {sorted(widths)}; sol_hf cannot prune their shared input")
     return widths.pop(), float(sum(w.shape[1] * w.element_size() for w in weights))
 
 
@@ -105,20 +106,20 @@ class _PrunedProjections:
         self.prepared_bytes = 0 if shares else self.weight_t.numel() * element
 
     def counts(self, device: torch.device) -> torch.Tensor:
-        """(levels,) int64 kept channels per MLP keep level, on ``device`` (built once)."""
+        """(levels,) int64 kept channels per activation keep level, on ``device`` (built once)."""
         if device not in self._counts:
             self._counts[device] = torch.tensor(self.counts_host, dtype=torch.long, device=device)
         return self._counts[device]
 
     def outputs(self, x: torch.Tensor, step: StepState) -> tuple[torch.Tensor, ...]:
         """Every projection's output for input ``x`` (..., Din) under the step's actions; computed
-        once per input (the projections of a gated MLP share it)."""
+        once per input (the fused projections share it)."""
         if x is self._last_input and step is self._last_step:
             return self._last_outputs
         flat = x.reshape(-1, self.width)
         rows = flat.shape[0]
         if step.host is not None:  # sizes known on the host: pick the faster path
-            host_counts = [self.counts_host[i] for i in step.host.mlp_index]
+            host_counts = [self.counts_host[i] for i in step.host.activation_index]
             widest = max(host_counts)
             all_kept = min(host_counts) >= self.width
             factor = read_factor(self.runtime.cost_model.sparse_linear_read_factor, x.device.type, self.weight_t.dtype)
@@ -127,29 +128,31 @@ class _PrunedProjections:
             widest, all_kept, sparse = self.width, False, step.decode and rows == 1
         lead = x.shape[:-1]
         uniform = step.host is not None and min(host_counts) == widest  # every row keeps the same count
-        counts = None if uniform else self.counts(x.device)[step.mlp_index]  # (R,)
+        counts = None if uniform else self.counts(x.device)[step.activation_index]  # (R,)
         if all_kept:
             results = tuple(f(x) for f in self.originals)
-            step.mlp_bytes.add(self.full_bytes)
+            step.projection_bytes.add(self.full_bytes)
         elif sparse:
             channels = torch.topk(flat.abs(), widest, dim=-1).indices  # (R, widest), largest first
             fused = ops.sparse_linear(flat, self.weight_t, channels, counts, self.bias)
             results = tuple(y.reshape(*lead, y.shape[-1]) for y in fused.split(self.widths, dim=-1))
             rest = self.full_bytes - self.width * self.row_bytes  # biases
             if step.host is not None:
-                step.mlp_bytes.add([c * self.row_bytes + rest for c in host_counts])
+                step.projection_bytes.add([c * self.row_bytes + rest for c in host_counts])
             else:
-                step.mlp_bytes.add(counts * self.row_bytes + rest)
+                step.projection_bytes.add(counts * self.row_bytes + rest)
         else:
             if counts is None:
-                counts = self.counts(x.device)[step.mlp_index]
-            magnitude = flat.abs()
-            top = torch.topk(magnitude, widest, dim=-1).values  # (R, widest), descending
-            threshold = top.gather(-1, (counts - 1).clamp(min=0).unsqueeze(-1))
-            threshold = torch.where(counts.unsqueeze(-1) >= self.width, -1.0, threshold)
-            pruned = torch.where(magnitude >= threshold, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+                counts = self.counts(x.device)[step.activation_index]
+            # Exactly ``count`` channels per row, the ones the sparse op would read: a threshold on
+            # |x| would keep every tied channel (exact ties are common: with grouped-query attention
+            # the heads that share a KV head output the same values at a row's first token).
+            channels = torch.topk(flat.abs(), widest, dim=-1).indices  # (R, widest), largest first
+            kept = torch.arange(widest, device=flat.device) < counts.unsqueeze(-1)  # (R, widest)
+            mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, channels, kept)
+            pruned = torch.where(mask, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
             results = tuple(f(pruned.view_as(x)) for f in self.originals)
-            step.mlp_bytes.add(self.full_bytes)
+            step.projection_bytes.add(self.full_bytes)
         self._last_input, self._last_step, self._last_outputs = x, step, results
         return results
 
@@ -172,36 +175,38 @@ class _PrunedProjections:
         self._counts.clear()
 
 
-class MlpExecutor:
-    """The executed MLP actions of one decoder layer (see the module docstring).
+class LayerExecutor:
+    """The executed activation actions of one decoder layer (see the module docstring): one
+    :class:`_PrunedProjections` per site of ``config.sparse_inputs``, and the paper's MLP-output
+    fake quantization when the grid has bits below 16.
 
     Args:
-        mlp: the layer's MLP module.
-        input_projections: its modules that read the MLP input (fused into one prepared weight).
-        output_projection: its module that reads the intermediate activation; pruned only when
-            ``prune_intermediate``.
-        levels: the config's MLP keep fractions.
+        layer: the decoder layer.
+        adapter: where the layer keeps its attention and MLP projections.
+        config: the model's :class:`~sol_hf.config.SolConfig`.
+        runtime: the wrapped model's runtime.
     """
 
-    def __init__(self, mlp: nn.Module, input_projections: list[nn.Module], output_projection: nn.Module,
-                 levels: tuple[float, ...], prune_intermediate: bool, runtime: Runtime):
-        self.inputs = _PrunedProjections(input_projections, levels)
-        self.output = _PrunedProjections([output_projection], levels) if prune_intermediate else None
-        self.inputs.install(runtime)
-        if self.output is not None:
-            self.output.install(runtime)
-        self.quant_handle = mlp.register_forward_hook(quantize_output_hook(runtime))
+    def __init__(self, layer: nn.Module, adapter, config, runtime: Runtime):
+        self.groups = [
+            _PrunedProjections(adapter.site_projections(layer, site), config.activation_keep)
+            for site in config.sparse_inputs
+        ]
+        for group in self.groups:
+            group.install(runtime)
+        mlp = getattr(layer, adapter.mlp)
+        self.quant_handle = mlp.register_forward_hook(quantize_output_hook(runtime)) if min(config.bits) < 16 else None
 
     @property
     def prepared_bytes(self) -> int:
         """Memory held by the prepared (transposed) weight copies."""
-        return self.inputs.prepared_bytes + (self.output.prepared_bytes if self.output is not None else 0)
+        return sum(group.prepared_bytes for group in self.groups)
 
     def remove(self) -> None:
-        self.quant_handle.remove()
-        self.inputs.remove()
-        if self.output is not None:
-            self.output.remove()
+        if self.quant_handle is not None:
+            self.quant_handle.remove()
+        for group in self.groups:
+            group.remove()
 
 
 def quantize_output_hook(runtime: Runtime):
