@@ -120,6 +120,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budgets", type=float, nargs="*", help="default: 1.0 down to the lowest reachable in 5 steps")
     parser.add_argument("--preset", default="default", choices=["default", "paper"], help="SolConfig.from_preset(...)")
+    parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static"],
+                        help="the KV cache both base and SOL decode with: transformers' DynamicCache (grows by torch.cat, "
+                             "copying every layer's K/V each step) or StaticCache (written in place; not compiled here)")
     parser.add_argument("--static-baseline", action="store_true",
                         help="also time transformers' fastest dense decode: generate(cache_implementation='static'), "
                              "which compiles the step with torch.compile (first call compiles: tens of seconds)")
@@ -136,11 +139,12 @@ def main() -> None:
     low = wrapped.budget_range(args.context + 1)[0]
     budgets = args.budgets or [round(1.0 - i * (1.0 - low) / 4, 3) for i in range(5)]
     budgets = [max(b, round(low + 5e-4, 3)) for b in budgets]
-    runs = {"base": lambda x, **k: base.generate(x, **k)}
+    cache_kwargs = {"cache_implementation": "static"} if args.cache == "static" else {}
+    runs = {"base": lambda x, **k: base.generate(x, **cache_kwargs, **k)}
     if args.static_baseline:
         runs["base_static_compiled"] = lambda x, **k: base.generate(x, cache_implementation="static", **k)
     for b in budgets:
-        runs[f"budget_{b}"] = lambda x, _b=b, **k: wrapped.generate(x, compute_budget=_b, controller="uniform", **k)
+        runs[f"budget_{b}"] = lambda x, _b=b, **k: wrapped.generate(x, compute_budget=_b, controller="uniform", **cache_kwargs, **k)
     times: dict[str, list[float]] = {name: [] for name in runs}
     reports: dict[str, dict] = {}
     with torch.inference_mode():
@@ -180,6 +184,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "preset": args.preset,
+        "cache": args.cache,
         "lowest_reachable_budget": round(low, 4),
         "prepared_weight_mib": round(wrapped.prepared_weight_bytes / 2**20, 1),
         "base_ms_per_token": round(base_ms, 3),

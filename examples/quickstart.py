@@ -30,6 +30,11 @@ def main() -> None:
         print(f"\n=== compute_budget={budget} ===\n{prompt}{text}")
         report = model.last_compute_report
         print(report if report is not None else "dense: the base model's exact output (no controlled steps)")
+    # Below the cheapest action the call is refused, and the message gives the reachable range.
+    try:
+        model.generate(**inputs, compute_budget=0.4, controller="uniform", max_new_tokens=4)
+    except ValueError as err:
+        print(f"\n=== compute_budget=0.4 ===\n{err}")
 
 
 if __name__ == "__main__":

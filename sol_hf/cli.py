@@ -25,7 +25,8 @@ __all__ = ["main", "CLIError", "parse_budget"]
 DEFAULT_BASE = "smollm2"
 _HELP_BUDGET = (
     "a unified cost fraction in (0, 1] (bytes read per decode step / dense bytes), e.g. 0.85, or a per-axis "
-    "budget attention=0.5,activation=0.8,bits=8 (axes left out stay dense)"
+    "budget attention=0.5,activation=0.7 (axes left out stay dense; bits=8 where the policy's grid has "
+    "activation bits, as the paper preset does)"
 )
 
 

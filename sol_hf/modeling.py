@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from . import ops
@@ -367,6 +367,15 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             return self.base_model.generate(input_ids, **kwargs)
         if kwargs.get("use_cache") is False:
             raise ValueError("controlled generation needs the KV cache; drop use_cache=False")
+        given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        static = kwargs.get("cache_implementation", self.generation_config.cache_implementation) not in (None, "dynamic")
+        if static or (given_cache is not None and not isinstance(given_cache, DynamicCache)):
+            raise ValueError(
+                "controlled generation decodes with a growing (dynamic) KV cache; a static or other fixed-shape cache "
+                f"(cache_implementation={kwargs.get('cache_implementation', self.generation_config.cache_implementation)!r}, "
+                f"cache {type(given_cache).__name__}) is not supported yet. Drop cache_implementation, or use "
+                "compute_budget=1.0 (the base model, any cache)."
+            )
         if kwargs.get("num_beams", 1) not in (None, 1) or kwargs.get("assistant_model") is not None:
             raise ValueError("controlled generation supports greedy and sampling decoding, not beam search or assisted decoding")
         ctrl = self.make_controller(controller, **(controller_kwargs or {}))

@@ -713,3 +713,14 @@ def test_episodes_read_quest_bounds_from_the_cache_and_match_recomputed_bounds(m
     assert torch.equal(cached.actions, plain.actions)
     torch.testing.assert_close(cached.token_log_probs, plain.token_log_probs, atol=1e-6, rtol=0)
     torch.testing.assert_close(cached.step_cost, plain.step_cost)
+
+
+
+def test_a_static_cache_is_refused_clearly():
+    """Controlled steps read valid lengths and page layouts from a growing cache; a StaticCache
+    (fixed-shape K/V, a 4-D mask) is not supported yet and must not decode with wrong accounting."""
+    model = SolForCausalLM(tiny_model("llama"), SMALL)
+    with pytest.raises(ValueError, match="static"):
+        model.generate(_ids(1, 20), max_new_tokens=3, compute_budget=0.9, cache_implementation="static")
+    # dense budgets run the base model, whatever its cache
+    model.generate(_ids(1, 20), max_new_tokens=3, compute_budget=1.0, cache_implementation="static")

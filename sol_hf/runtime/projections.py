@@ -118,29 +118,24 @@ class _PrunedProjections:
             return self._last_outputs
         flat = x.reshape(-1, self.width)
         rows = flat.shape[0]
-        if step.host is not None:  # sizes known on the host: pick the faster path
-            host_counts = [self.counts_host[i] for i in step.host.activation_index]
-            widest = max(host_counts)
-            all_kept = min(host_counts) >= self.width
-            factor = read_factor(self.runtime.cost_model.sparse_linear_read_factor, x.device.type, self.weight_t.dtype)
-            sparse = step.decode and sparse_linear_pays(sum(host_counts), self.width, factor)
-        else:  # Triton reads the counts on the device: one row at a time pays, no host sync
-            widest, all_kept, sparse = self.width, False, step.decode and rows == 1
+        all_kept, sparse, widest, uniform, row_bytes_read = self._plan(step, rows, x.device)
         lead = x.shape[:-1]
-        uniform = step.host is not None and min(host_counts) == widest  # every row keeps the same count
         counts = None if uniform else self.counts(x.device)[step.activation_index]  # (R,)
         if all_kept:
             results = tuple(f(x) for f in self.originals)
             step.projection_bytes.add(self.full_bytes)
         elif sparse:
-            channels = torch.topk(flat.abs(), widest, dim=-1).indices  # (R, widest), largest first
+            # (R, widest); largest first where rows keep different counts (each reads a prefix)
+            channels = torch.topk(flat.abs(), widest, dim=-1, sorted=not uniform).indices
             fused = ops.sparse_linear(flat, self.weight_t, channels, counts, self.bias)
-            results = tuple(y.reshape(*lead, y.shape[-1]) for y in fused.split(self.widths, dim=-1))
-            rest = self.full_bytes - self.width * self.row_bytes  # biases
-            if step.host is not None:
-                step.projection_bytes.add([c * self.row_bytes + rest for c in host_counts])
+            if len(self.widths) == 1:
+                results = (fused.view(*lead, fused.shape[-1]),)
             else:
-                step.projection_bytes.add(counts * self.row_bytes + rest)
+                results = tuple(y.view(*lead, y.shape[-1]) for y in fused.split(self.widths, dim=-1))
+            if row_bytes_read is not None:
+                step.projection_bytes.add(row_bytes_read)
+            else:
+                step.projection_bytes.add(counts * self.row_bytes + (self.full_bytes - self.width * self.row_bytes))
         else:
             if counts is None:
                 counts = self.counts(x.device)[step.activation_index]
@@ -155,6 +150,27 @@ class _PrunedProjections:
             step.projection_bytes.add(self.full_bytes)
         self._last_input, self._last_step, self._last_outputs = x, step, results
         return results
+
+    def _plan(self, step: StepState, rows: int, device: torch.device):
+        """(all kept, sparse, widest count, every row keeps the same count, bytes read per row
+        or None) for this step: decided once per step for every group of the same width, levels
+        and dtype (each layer's q/k/v, say), from the host copies of the actions where there are."""
+        key = ("projection", self.width, self.counts_host, self.weight_t.dtype, self.row_bytes, self.full_bytes, rows)
+        plan = step.layouts.get(key)
+        if plan is None:
+            if step.host is not None:  # sizes known on the host: pick the faster path
+                host_counts = [self.counts_host[i] for i in step.host.activation_index]
+                widest = max(host_counts)
+                all_kept = min(host_counts) >= self.width
+                factor = read_factor(self.runtime.cost_model.sparse_linear_read_factor, device.type, self.weight_t.dtype)
+                sparse = step.decode and sparse_linear_pays(sum(host_counts), self.width, factor)
+                uniform = min(host_counts) == widest
+                rest = self.full_bytes - self.width * self.row_bytes  # biases
+                read = widest * self.row_bytes + rest if uniform else [c * self.row_bytes + rest for c in host_counts]
+            else:  # Triton reads the counts on the device: one row at a time pays, no host sync
+                widest, all_kept, sparse, uniform, read = self.width, False, step.decode and rows == 1, False, None
+            plan = step.layouts[key] = (all_kept, sparse, widest, uniform, read)
+        return plan
 
     def install(self, runtime: Runtime) -> None:
         self.runtime = runtime
