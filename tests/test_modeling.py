@@ -42,15 +42,16 @@ class FixedController(Controller):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("preset", ["paper", "default"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_full_budget_reproduces_base(family):
+def test_full_budget_reproduces_base(family, preset):
     base, ref = tiny_pair(family)
-    model = SolForCausalLM(base, SMALL)
+    model = SolForCausalLM(base, SMALL if preset == "paper" else WIDE_CONFIG)
     ids = _ids(2, 30)
     kw = dict(max_new_tokens=16, do_sample=False, output_scores=True, return_dict_in_generate=True)
     expected = ref.generate(ids, **kw)
     for budget in (None, 1.0, torch.ones(2), {"attention": 1.0, "activation": 1.0, "bits": 16}):
-        got = model.generate(ids, compute_budget=budget, **kw)
+        got = model.generate(ids, compute_budget=budget, **kw)  # (a full budget never runs a controlled step)
         assert torch.equal(got.sequences, expected.sequences), budget
         for a, b in zip(got.scores, expected.scores):
             torch.testing.assert_close(a, b)
