@@ -60,7 +60,10 @@ def score(model: SolForCausalLM, windows: torch.Tensor, context: int, budget: fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
-    parser.add_argument("--presets", nargs="+", default=["default", "paper"])
+    parser.add_argument("--presets", nargs="*", default=["default", "paper"])
+    parser.add_argument("--site-sets", nargs="*", default=[],
+                        help="also the default preset restricted to these sparse_inputs, one comma-separated set "
+                             "per entry, e.g. mlp_input,mlp_output")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--windows", type=int, default=48)
@@ -84,8 +87,10 @@ def main() -> None:
     indices = bootstrap_indices(windows.shape[0], args.resamples)
 
     rows, dense = [], None
-    for preset in args.presets:
-        model = SolForCausalLM(base, SolConfig.from_preset(preset))
+    configs = [(preset, SolConfig.from_preset(preset)) for preset in args.presets]
+    configs += [(f"default/{sites}", SolConfig(sparse_inputs=tuple(sites.split(",")))) for sites in args.site_sets]
+    for preset, config in configs:
+        model = SolForCausalLM(base, config)
         if dense is None:
             dense = score(model, windows, args.context, None, args.batch_size)
         low, _ = model.budget_range(args.context + 1)
