@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, policy_help: str):
         p.add_argument("--base", default=DEFAULT_BASE, help="base model folder or Hub id; 'smollm2' = the embedded SmolLM2-135M (default)")
         p.add_argument("--policy", default=None, help=policy_help)
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", default="cpu", help="torch device for the model (default cpu; e.g. cuda)")
         p.add_argument("--threads", type=_positive_int("--threads"), default=None, help="torch CPU threads")
         p.add_argument("--sol-config", default=None, help="sol_config.json for the untrained policy used without --policy")
 
@@ -408,10 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sections", type=_sections, default=None, help="comma-separated doc sections (default: tutorial,faq,reference)")
     e.add_argument("--text-root", default=PYTHON_DOCS_ROOT, help=f"root of the *.rst.txt sections (default {PYTHON_DOCS_ROOT})")
     e.add_argument("--windows", type=_positive_int("--windows"), default=112, help="windows to score, evenly spaced (default 112)")
-    e.add_argument("--context-length", type=_positive_int("--context-length"), default=256)
+    e.add_argument("--context-length", type=_positive_int("--context-length"), default=256,
+                   help="dense prefill tokens before the controlled ones (default 256)")
     e.add_argument("--steps", type=_positive_int("--steps"), default=16, help="controlled tokens per window (default 16)")
     e.add_argument("--random-seeds", type=_positive_int("--random-seeds"), default=8, help="random schedules per budget (default 8)")
-    e.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8)
+    e.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8, help="windows scored together (default 8)")
     e.add_argument("--budget-guard", type=float, default=0.25, help="policy budget-guard slack; negative = unguarded")
     e.add_argument("--policy-temperature", type=_non_negative_float("--policy-temperature"), default=0.0,
                    help="0 = greedy policy decisions (default); > 0 samples them at this temperature (seeded)")
@@ -419,33 +420,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="first random-schedule seed and bootstrap seed")
     e.add_argument("--output", default=None, help="write the results JSON here")
     e.add_argument("--markdown", default=None, help="write the Markdown table here")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="generate text at a compute budget and print the compute report")
     common(g, "policy artifact folder (needed for --controller policy to mean anything)")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help="the text to continue")
     g.add_argument("--budget", type=_budget_arg, default=None, help=f"{_HELP_BUDGET}; omitted = dense")
-    g.add_argument("--controller", choices=("policy", "uniform", "random"), default="policy")
-    g.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=40)
+    g.add_argument("--controller", choices=("policy", "uniform", "random"), default="policy",
+                   help="who picks each step's action: the policy (default), the uniform schedule or random actions")
+    g.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=40, help="tokens to generate (default 40)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random controller")
     g.set_defaults(func=cmd_generate)
 
     def training_options(p, steps: int, context_length: int, max_windows: int | None):
         p.add_argument("--base", default=DEFAULT_BASE, help="base model folder or Hub id; 'smollm2' = the embedded SmolLM2-135M")
-        p.add_argument("--text-root", default=PYTHON_DOCS_ROOT)
+        p.add_argument("--text-root", default=PYTHON_DOCS_ROOT, help=f"root of the *.rst.txt sections (default {PYTHON_DOCS_ROOT})")
         p.add_argument("--steps", type=_positive_int("--steps"), default=steps, help=f"policy updates (default {steps})")
-        p.add_argument("--context-length", type=_positive_int("--context-length"), default=context_length)
+        p.add_argument("--context-length", type=_positive_int("--context-length"), default=context_length,
+                       help=f"dense prefill tokens before the controlled ones (default {context_length})")
         p.add_argument("--rollout-steps", type=_positive_int("--rollout-steps"), default=16, help="T controlled steps (16)")
-        p.add_argument("--windows-per-step", type=_positive_int("--windows-per-step"), default=4)
+        p.add_argument("--windows-per-step", type=_positive_int("--windows-per-step"), default=4,
+                       help="text windows per policy update (default 4)")
         p.add_argument("--num-generations", type=_positive_int("--num-generations"), default=8, help="K schedules per window (8)")
-        p.add_argument("--budget-mode", choices=("per_axis", "cost", "mixed"), default="mixed")
+        p.add_argument("--budget-mode", choices=("per_axis", "cost", "mixed"), default="mixed",
+                       help="budgets sampled for training: per-axis targets, unified cost, or either per window (default mixed)")
         p.add_argument("--cost-budget-range", type=_range("--cost-budget-range"), default=None, help="LOW,HIGH unified cost")
-        p.add_argument("--learning-rate", type=float, default=None)
-        p.add_argument("--max-windows", type=_positive_int("--max-windows"), default=max_windows)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--threads", type=_positive_int("--threads"), default=None)
-        p.add_argument("--no-progress", action="store_true")
+        p.add_argument("--learning-rate", type=float, default=None, help="policy learning rate (default 5e-4, train_policy's; the paper used 1e-4)")
+        p.add_argument("--max-windows", type=_positive_int("--max-windows"), default=max_windows,
+                       help=f"cap on training windows (default {'all' if max_windows is None else max_windows})")
+        p.add_argument("--seed", type=int, default=0, help="seed of budgets, schedules and the policy's initialisation (default 0)")
+        p.add_argument("--threads", type=_positive_int("--threads"), default=None, help="torch CPU threads")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     t = sub.add_parser("train", help="train a policy with GRPO on teacher-forced counterfactual schedules")
     training_options(t, steps=119, context_length=256, max_windows=None)
@@ -455,8 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train briefly on SmolLM2, then compare dense / uniform / random / policy at two budgets")
     training_options(d, steps=20, context_length=128, max_windows=400)
-    d.add_argument("--eval-windows", type=_positive_int("--eval-windows"), default=16)
-    d.add_argument("--random-seeds", type=_positive_int("--random-seeds"), default=8)
+    d.add_argument("--eval-windows", type=_positive_int("--eval-windows"), default=16, help="held-out windows scored (default 16)")
+    d.add_argument("--random-seeds", type=_positive_int("--random-seeds"), default=8, help="random schedules per budget (default 8)")
     d.add_argument("--output-dir", default=None, help="keep the trained policy here (default: a temporary folder)")
     d.add_argument("--output", default=None, help="write the evaluation JSON here")
     d.set_defaults(func=cmd_demo, threads=2)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads in the functions that make tensors: the CLI parser reads the constants
+    import torch
 
 __all__ = [
     "PYTHON_DOCS_ROOT",
@@ -66,6 +68,8 @@ def text_windows(
     Returns:
         (N, window_length) int64.
     """
+    import torch
+
     if window_length < 2:
         raise ValueError(f"window_length must be >= 2, got {window_length}")
     bos = tokenizer.bos_token_id if add_bos else None
@@ -86,6 +90,8 @@ def text_windows(
 def evenly_spaced(windows: torch.Tensor, count: int | None) -> torch.Tensor:
     """``count`` of the (N, L) windows, evenly spaced over all of them (deterministic), so every
     section or document range is represented; all of them when ``count`` is None or >= N."""
+    import torch
+
     if count is None or count >= windows.shape[0]:
         return windows
     if count < 1:

@@ -1,6 +1,7 @@
 """sol-hf CLI, run in-process through main([...]) on a tiny random model saved with a tiny tokenizer."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -190,3 +191,28 @@ def test_demo_runs_end_to_end_on_a_tiny_model(base_dir, docs_root, tmp_path, cap
     assert "| - | dense |" in printed and "**policy**" in printed and "demo:" in printed
     data = json.loads(out.read_text())
     assert len(data["budgets"]) == 2 and data["run"]["train_wall_s"] > 0
+
+
+def test_help_does_not_import_torch():
+    """``sol-hf --help`` answers at once: building the parser and printing help loads neither
+    torch nor transformers (they took about 10 s before the package's names loaded lazily)."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from sol_hf.cli import main\n"
+        "for argv in ([], ['eval', '--help'], ['train', '--help'], ['generate', '--help'], ['demo', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "HEAVY []" in out, out[-500:]
+    import sol_hf
+
+    assert sol_hf.SolConfig().num_actions == 16  # the lazy names still resolve
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        sol_hf.Nope  # noqa: B018

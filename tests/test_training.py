@@ -120,7 +120,12 @@ def test_penalty_shifts_advantages_of_the_overspender():
 
 
 def test_config_defaults_and_validation(tmp_path):
-    cfg = SolGRPOConfig(output_dir=str(tmp_path))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated TrainingArguments field set by us
+        cfg = SolGRPOConfig(output_dir=str(tmp_path))
+    assert cfg.gradient_checkpointing is False and getattr(cfg, "activation_checkpointing", False) is False
     assert (cfg.rollout_steps, cfg.context_length, cfg.num_generations) == (16, 1024, 16)
     assert (cfg.temperature, cfg.reward_gamma, cfg.budget_tolerance, cfg.entropy_coef) == (1.3, 0.85, 0.02, 0.05)
     assert (cfg.reward_type, cfg.advantage_level, cfg.advantage_normalization, cfg.whiten_advantages) == ("loglik", "process", "center", True)

@@ -41,7 +41,7 @@ class SolGRPOConfig(GRPOConfig):
         learning_rate 1e-4, max_grad_norm 2.0, lr_scheduler_type "constant" (the authors' AdamW
             without a schedule).
     CPU-minded defaults: ``bf16`` only on CUDA, ``report_to="none"``, ``logging_steps=1``,
-    ``save_strategy="no"``, ``gradient_checkpointing=False`` (only the small policy has grads),
+    ``save_strategy="no"``, activation (gradient) checkpointing off (only the small policy has grads),
     ``use_cpu=True`` when CUDA is absent (so ``accelerate launch --multi_gpu --num_processes N``,
     i.e. torchrun, gives N gloo DDP processes on CPU; accelerate's ``--cpu`` flag with N > 1
     needs mpirun instead).
@@ -98,7 +98,13 @@ class SolGRPOConfig(GRPOConfig):
     bf16: bool | None = field(default=None, metadata={"help": "None: True on CUDA, False on CPU (the base runs in its own dtype)."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N updates."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (checkpoints hold the policy only)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Not needed: only the small policy has grads."})
+    # TRL turns checkpointing on by default. transformers renamed the switch
+    # ``activation_checkpointing`` and warns when the old name is set, so set whichever it reads.
+    if "activation_checkpointing" in GRPOConfig.__dataclass_fields__:
+        activation_checkpointing: bool = field(default=False, metadata={"help": "Not needed: only the small policy has grads."})
+        gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing."})
+    else:  # transformers before the rename
+        gradient_checkpointing: bool = field(default=False, metadata={"help": "Not needed: only the small policy has grads."})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "Every policy parameter gets a grad."})
 
     # --- SOL fields -----------------------------------------------------------------------------
