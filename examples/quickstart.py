@@ -15,7 +15,7 @@ from sol_hf.assets import smollm2_path
 
 
 def main() -> None:
-    path = smollm2_path()  # converts the GGUF once, then loads from ~/.cache/sol_hf
+    path = smollm2_path()  # converts the GGUF once into the HF cache ($HF_HOME/sol_hf)
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = SolForCausalLM(base, SolConfig())

