@@ -165,8 +165,14 @@ def _read_sol_config(path: str | None):
         raise CLIError(f"--sol-config {path}: {_one_line(err)}") from None
 
 
-def load_model(base: str, policy: str | None, device: str = "cpu", sol_config=None, quiet: bool = False):
-    """(model, tokenizer) for a base model and an optional policy artifact folder."""
+_UNTRAINED_NOTE = ("sol-hf: no --policy given: the 'policy' rows use an untrained (random) policy; the dense, "
+                   "uniform and random rows do not depend on it")
+
+
+def load_model(base: str, policy: str | None, device: str = "cpu", sol_config=None, quiet: bool = False,
+               untrained_note: str = _UNTRAINED_NOTE):
+    """(model, tokenizer) for a base model and an optional policy artifact folder; without a
+    policy, ``untrained_note`` is printed to stderr (unless ``quiet``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -188,7 +194,7 @@ def load_model(base: str, policy: str | None, device: str = "cpu", sol_config=No
             base_model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
             model = SolForCausalLM(base_model, sol_config or SolConfig())
             if not quiet:
-                print("sol-hf: no --policy given: the policy is untrained (random); baselines are still meaningful", file=sys.stderr)
+                print(untrained_note, file=sys.stderr)
     except CLIError:
         raise
     except (OSError, ValueError, TypeError, ImportError) as err:
@@ -206,6 +212,43 @@ def read_texts(sections: Sequence[str], root: str) -> list[str]:
         return python_docs_texts(sections, root)
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(_one_line(err)) from None
+
+
+def read_text_files(paths: Sequence[str]) -> list[str]:
+    """Each UTF-8 text file is one document."""
+    texts = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise CLIError(f"--text-files: {path} is not a file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts.append(f.read())
+        except (OSError, UnicodeDecodeError) as err:
+            raise CLIError(f"--text-files: cannot read {path} as UTF-8 text: {_one_line(err)}") from None
+    return texts
+
+
+def read_dataset_texts(path: str | None, column: str) -> list[str]:
+    """The ``column`` of a dataset saved with ``datasets``' ``save_to_disk`` (a ``Dataset``, or the
+    ``test`` / ``validation`` split of a ``DatasetDict``), one document per row."""
+    if path is None:
+        return []
+    if not os.path.isdir(path):
+        raise CLIError(f"--dataset {path} is not a folder written by datasets' save_to_disk")
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        data = load_from_disk(path)
+    except (OSError, ValueError, FileNotFoundError) as err:
+        raise CLIError(f"--dataset {path}: {_one_line(err)}") from None
+    if isinstance(data, DatasetDict):
+        split = next((name for name in ("test", "validation") if name in data), None)
+        if split is None:
+            raise CLIError(f"--dataset {path} holds splits {sorted(data)}; evaluation reads 'test' or 'validation' (held-out text)")
+        data = data[split]
+    if column not in data.column_names:
+        raise CLIError(f"--dataset {path} has no column {column!r} (columns: {data.column_names}); pick one with --dataset-column")
+    return [text for text in data[column] if isinstance(text, str) and text.strip()]
 
 
 def eval_windows(tokenizer, texts: Sequence[str], context_length: int, steps: int, count: int | None):
@@ -239,8 +282,15 @@ def cmd_eval(args) -> int:
     _check_output_path(args.output)
     _check_output_path(args.markdown)
     _set_threads(args.threads)
-    sections = args.sections or list(EVAL_SECTIONS)
-    texts = read_texts(sections, args.text_root)
+    if args.text_files or args.dataset:
+        if args.sections:
+            raise CLIError("--sections picks Python-docs sections; it does not combine with --text-files or --dataset")
+        texts = read_text_files(args.text_files or []) + read_dataset_texts(args.dataset, args.dataset_column)
+        source = {"text_files": args.text_files, "dataset": args.dataset, "dataset_column": args.dataset_column}
+    else:
+        sections = args.sections or list(EVAL_SECTIONS)
+        texts = read_texts(sections, args.text_root)
+        source = {"sections": sections, "text_root": args.text_root}
     model, tokenizer = load_model(args.base, args.policy, args.device, _read_sol_config(args.sol_config))
     budgets = args.budgets
     _check_reachable(model, budgets, args.context_length)
@@ -249,7 +299,7 @@ def cmd_eval(args) -> int:
         model, windows, args.context_length, budgets, random_seeds=args.random_seeds, batch_size=args.batch_size,
         per_axis=not args.no_per_axis, budget_guard=None if args.budget_guard < 0 else args.budget_guard,
         policy_temperature=args.policy_temperature, seed=args.seed, progress=not args.no_progress,
-        metadata={"base": args.base, "policy": args.policy, "sections": sections, "text_root": args.text_root},
+        metadata={"base": args.base, "policy": args.policy, **source},
     )
     if args.output:
         result.to_json(args.output)
@@ -265,8 +315,11 @@ def cmd_generate(args) -> int:
     import torch
 
     _set_threads(args.threads)
-    model, tokenizer = load_model(args.base, args.policy, args.device, _read_sol_config(args.sol_config),
-                                  quiet=args.controller != "policy")
+    model, tokenizer = load_model(
+        args.base, args.policy, args.device, _read_sol_config(args.sol_config), quiet=args.controller != "policy",
+        untrained_note="sol-hf: no --policy given: --controller policy would pick actions with an untrained (random) "
+                       "policy; pass --policy, or use --controller uniform",
+    )
     encoded = tokenizer(args.prompt, return_tensors="pt")
     input_ids = encoded["input_ids"].to(model.device)
     budget = args.budget
@@ -279,7 +332,9 @@ def cmd_generate(args) -> int:
             output = model.generate(input_ids, compute_budget=budget, controller=args.controller,
                                     controller_kwargs=controller_kwargs, attention_mask=encoded["attention_mask"], **kwargs)
     except ValueError as err:  # unreachable budgets and the like
-        raise CLIError(_one_line(err)) from None
+        message = _one_line(err).replace("model.budget_range(context_length) gives the range.",
+                                         "`sol-hf range` prints the reachable budgets.")
+        raise CLIError(message) from None
     text = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
     print(args.prompt + text)
     report = model.last_compute_report
@@ -350,6 +405,26 @@ def cmd_train(args) -> int:
 DEMO_BUDGETS = ({"attention": 0.6, "activation": 0.8, "bits": 8}, {"attention": 0.3, "activation": 0.6, "bits": 6})
 
 
+def cmd_range(args) -> int:
+    """Print the reachable unified budgets at a few context lengths, for the uniform controller and
+    (its own weights counted) the policy."""
+    _set_threads(args.threads)
+    model, _ = load_model(args.base, args.policy, args.device, _read_sol_config(args.sol_config), quiet=True)
+    config = model.sol_config
+    print(f"sol-hf range: {args.base}, {config.num_actions} actions (activation sparsity on "
+          f"{', '.join(config.sparse_inputs)}; attention keep {list(config.attention_keep)}; activation keep "
+          f"{list(config.activation_keep)}; bits {list(config.bits)}), as executed on {model.device.type}")
+    print("| context tokens | lowest budget, uniform | lowest budget, policy |")
+    print("| --- | --- | --- |")
+    for length in args.context_lengths:
+        uniform, _ = model.budget_range(length, "uniform")
+        policy, _ = model.budget_range(length, "policy")
+        show = lambda low: "none below 1.0" if low >= 1.0 else f"{low:.3f}"  # noqa: E731
+        print(f"| {length} | {show(uniform)} | {show(policy)} |")
+    print("A unified budget between the lowest value and 1.0 is reachable; 1.0 runs the base model.")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Train briefly on library/howto/whatsnew, evaluate on held-out tutorial/faq/reference."""
     import tempfile
@@ -393,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import PYTHON_DOCS_ROOT
 
     parser = _Parser(prog="sol-hf", description="SOL: a learned per-token compute policy for any Hugging Face causal LM")
-    sub = parser.add_subparsers(dest="command", metavar="{eval,train,generate,demo}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{eval,train,generate,range,demo}", parser_class=_Parser)
 
     def common(p, policy_help: str):
         p.add_argument("--base", default=DEFAULT_BASE, help="base model folder or Hub id; 'smollm2' = the embedded SmolLM2-135M (default)")
@@ -407,6 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--budgets", nargs="+", type=_budget_arg, default=[0.85], help=f"one or more budgets; each {_HELP_BUDGET}")
     e.add_argument("--sections", type=_sections, default=None, help="comma-separated doc sections (default: tutorial,faq,reference)")
     e.add_argument("--text-root", default=PYTHON_DOCS_ROOT, help=f"root of the *.rst.txt sections (default {PYTHON_DOCS_ROOT})")
+    e.add_argument("--text-files", nargs="+", default=None, metavar="FILE",
+                   help="evaluate on these UTF-8 text files (one document each) instead of the Python docs")
+    e.add_argument("--dataset", default=None, metavar="FOLDER",
+                   help="evaluate on a dataset saved with datasets' save_to_disk (a Dataset, or its test/validation split)")
+    e.add_argument("--dataset-column", default="text", help="the dataset's text column (default text)")
     e.add_argument("--windows", type=_positive_int("--windows"), default=112, help="windows to score, evenly spaced (default 112)")
     e.add_argument("--context-length", type=_positive_int("--context-length"), default=256,
                    help="dense prefill tokens before the controlled ones (default 256)")
@@ -432,6 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=40, help="tokens to generate (default 40)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random controller")
     g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("range", help="print the reachable compute budgets of a model and action grid by context length")
+    common(r, "policy artifact folder (its action grid; default: SolConfig() or --sol-config)")
+    r.add_argument("--context-lengths", nargs="+", type=_positive_int("--context-lengths"), default=[64, 256, 1024, 4096],
+                   help="context lengths in tokens, the current one included (default 64 256 1024 4096)")
+    r.set_defaults(func=cmd_range)
 
     def training_options(p, steps: int, context_length: int, max_windows: int | None):
         p.add_argument("--base", default=DEFAULT_BASE, help="base model folder or Hub id; 'smollm2' = the embedded SmolLM2-135M")

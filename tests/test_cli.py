@@ -230,3 +230,52 @@ def test_the_embedded_model_cache_follows_the_hf_conventions(monkeypatch, tmp_pa
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_model_cache() == str(tmp_path / "home" / ".cache" / "huggingface" / "sol_hf" / "smollm2-135m")
+
+
+def test_range_prints_what_budget_range_answers(base_dir, sol_config_file, capsys):
+    from sol_hf import SolConfig, SolForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    assert main(["range", "--base", str(base_dir), "--sol-config", str(sol_config_file), "--context-lengths", "16", "64"]) == 0
+    out = capsys.readouterr().out
+    model = SolForCausalLM(AutoModelForCausalLM.from_pretrained(base_dir), SolConfig.from_json_file(sol_config_file))
+    for length in (16, 64):
+        uniform, policy = (model.budget_range(length, c)[0] for c in ("uniform", "policy"))
+        show = lambda low: "none below 1.0" if low >= 1.0 else f"{low:.3f}"  # noqa: E731
+        assert f"| {length} | {show(uniform)} | {show(policy)} |" in out
+
+
+def test_generate_without_a_policy_says_what_the_policy_controller_would_do(base_dir, sol_config_file, capsys):
+    assert main(["generate", "--base", str(base_dir), "--sol-config", str(sol_config_file), "--prompt", "The quick brown fox",
+                 "--budget", "0.9", "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "untrained (random) policy; pass --policy, or use --controller uniform" in err
+    assert "baselines" not in err
+
+
+def test_eval_reads_text_files_and_saved_datasets_alike(base_dir, sol_config_file, tmp_path, capsys):
+    """The same documents as plain files and as a saved ``datasets`` dataset give the same windows,
+    so the same dense perplexity."""
+    from datasets import Dataset, DatasetDict
+
+    docs = [TEXT + f" Document {i}. " + TEXT for i in range(3)]
+    files = []
+    for i, doc in enumerate(docs):
+        files.append(tmp_path / f"doc{i}.txt")
+        files[-1].write_text(doc, encoding="utf-8")
+    DatasetDict({"train": Dataset.from_dict({"body": ["unused"]}), "test": Dataset.from_dict({"body": docs})}).save_to_disk(
+        str(tmp_path / "ds"))
+    common = ["eval", "--base", str(base_dir), "--sol-config", str(sol_config_file), "--context-length", "32", "--steps", "4",
+              "--windows", "4", "--batch-size", "2", "--random-seeds", "1", "--budgets", "0.9", "--no-progress"]
+    results = []
+    for source in (["--text-files", *map(str, files)], ["--dataset", str(tmp_path / "ds"), "--dataset-column", "body"]):
+        out = tmp_path / f"r{len(results)}.json"
+        assert main([*common, *source, "--output", str(out)]) == 0
+        results.append(json.loads(out.read_text()))
+    capsys.readouterr()
+    assert results[0]["dense"]["window_nll"] == results[1]["dense"]["window_nll"]
+    assert results[1]["metadata"]["dataset_column"] == "body"
+    err = run_error([*common, "--dataset", str(tmp_path / "ds")], capsys)
+    assert "no column 'text'" in err and "--dataset-column" in err
+    assert "does not combine" in run_error([*common, "--text-files", str(files[0]), "--sections", "faq"], capsys)
+    assert "is not a file" in run_error([*common, "--text-files", str(tmp_path / "missing.txt")], capsys)
