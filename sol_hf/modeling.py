@@ -202,6 +202,14 @@ class SolForCausalLM(SolHubMixin, nn.Module):
     def generation_config(self):
         return self.base_model.generation_config
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base_model.dtype
+
+    def can_generate(self) -> bool:
+        """True: ``transformers.pipeline("text-generation", model=...)`` asks before calling generate."""
+        return True
+
     def get_input_embeddings(self) -> nn.Module:
         return self.base_model.get_input_embeddings()
 

@@ -725,3 +725,35 @@ def test_a_static_cache_is_refused_clearly():
         model.generate(_ids(1, 20), max_new_tokens=3, compute_budget=0.9, cache_implementation="static")
     # dense budgets run the base model, whatever its cache
     model.generate(_ids(1, 20), max_new_tokens=3, compute_budget=1.0, cache_implementation="static")
+
+
+def test_pipeline_and_streamer_carry_the_budget(smollm2_path):
+    """``transformers.pipeline("text-generation", model=sol_model)`` passes ``compute_budget`` (and
+    the controller) through to generate, and a ``TextStreamer`` streams the controlled tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    model = SolForCausalLM(AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval(), SolConfig())
+    prompt = "Python lists are"
+    kw = dict(max_new_tokens=8, do_sample=False, compute_budget=0.6, controller="uniform")
+    ids = tokenizer(prompt, return_tensors="pt")
+    expected = tokenizer.decode(model.generate(**ids, **kw)[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    dense = tokenizer.decode(model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:])
+    assert expected != dense  # the budget changed the continuation, so the checks below can tell
+
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    out = pipe(prompt, return_full_text=False, **kw)
+    assert out[0]["generated_text"] == expected
+    assert model.last_compute_report.cost.item() == pytest.approx(0.6, abs=0.03)
+
+    class Collect(TextStreamer):
+        def __init__(self, tok):
+            super().__init__(tok, skip_prompt=True, skip_special_tokens=True)
+            self.text = ""
+
+        def on_finalized_text(self, text, stream_end=False):
+            self.text += text
+
+    streamer = Collect(tokenizer)
+    model.generate(**ids, streamer=streamer, **kw)
+    assert streamer.text.strip() == expected.strip()
