@@ -281,6 +281,12 @@ def cmd_eval(args) -> int:
 
     _check_output_path(args.output)
     _check_output_path(args.markdown)
+    _check_output_path(args.plot)
+    if args.plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:  # say so before the evaluation runs
+            raise CLIError("--plot needs matplotlib: pip install 'sol-hf[plots]' (or pip install matplotlib)")
     _set_threads(args.threads)
     if args.text_files or args.dataset:
         if args.sections:
@@ -308,6 +314,11 @@ def cmd_eval(args) -> int:
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write(markdown)
     print(markdown)
+    if args.plot:
+        from .evaluation import plot_evaluation
+
+        plot_evaluation(result.data, args.plot, title=f"{args.base}: perplexity against achieved cost")
+        print(f"plot: {args.plot}")
     return 0
 
 
@@ -500,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="first random-schedule seed and bootstrap seed")
     e.add_argument("--output", default=None, help="write the results JSON here")
     e.add_argument("--markdown", default=None, help="write the Markdown table here")
+    e.add_argument("--plot", default=None, metavar="PNG",
+                   help="write a PNG of perplexity against achieved cost, one line per schedule (needs matplotlib)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
 

@@ -279,3 +279,35 @@ def test_eval_reads_text_files_and_saved_datasets_alike(base_dir, sol_config_fil
     assert "no column 'text'" in err and "--dataset-column" in err
     assert "does not combine" in run_error([*common, "--text-files", str(files[0]), "--sections", "faq"], capsys)
     assert "is not a file" in run_error([*common, "--text-files", str(tmp_path / "missing.txt")], capsys)
+
+
+def test_eval_plot_has_the_right_axes_and_one_line_per_schedule(base_dir, docs_root, sol_config_file, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from sol_hf.evaluation import plot_evaluation
+
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    assert main(eval_args(base_dir, docs_root, "--budgets", "0.9", "0.8", "--output", str(out), "--plot", str(png),
+                          config=sol_config_file)) == 0
+    assert f"plot: {png}" in capsys.readouterr().out
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(out.read_text())
+    fig = plot_evaluation(data)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "achieved cost (bytes read / dense step)"
+    assert ax.get_ylabel() == "perplexity (controlled tokens)"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["dense", "policy", "uniform (cost-matched)", "uniform (per-axis matched)", "random (best seed)",
+                      "random (mean of seeds)"]
+    # each schedule's line passes through its (cost, ppl) at both budgets
+    uniform = sorted((b["uniform"]["cost"], b["uniform"]["ppl"]) for b in data["budgets"])
+    line = next(c for c in ax.containers if c.get_label() == "uniform (cost-matched)").lines[0]
+    torch.testing.assert_close(torch.tensor(line.get_xydata(), dtype=torch.float64), torch.tensor(uniform, dtype=torch.float64))
+
+
+def test_eval_plot_without_matplotlib_says_how_to_get_it(base_dir, docs_root, sol_config_file, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    err = run_error(eval_args(base_dir, docs_root, "--plot", str(tmp_path / "r.png"), config=sol_config_file), capsys)
+    assert "pip install 'sol-hf[plots]'" in err
