@@ -436,37 +436,72 @@ def cmd_range(args) -> int:
     return 0
 
 
+def demo_verdict(data: dict) -> str:
+    """One sentence per budget: did the policy beat the cost-matched uniform schedule, with the
+    paired 95 % interval of the perplexity difference (uniform - policy)."""
+    parts = []
+    for entry in data["budgets"]:
+        comparison = entry["comparisons"]["policy_vs_uniform"]
+        diff, (low, high) = comparison["ppl_difference"], comparison["ppl_difference_ci"]
+        if low > 0:
+            verdict = "the policy beat the uniform schedule"
+        elif high < 0:
+            verdict = "the uniform schedule beat the policy"
+        else:
+            verdict = "the policy and the uniform schedule were not distinguishable"
+        parts.append(f"at budget {entry['label']} {verdict} (uniform - policy perplexity {diff:+.2f}, "
+                     f"95 % interval [{low:+.2f}, {high:+.2f}])")
+    return "In this short run, " + "; ".join(parts) + "."
+
+
 def cmd_demo(args) -> int:
-    """Train briefly on library/howto/whatsnew, evaluate on held-out tutorial/faq/reference."""
-    import tempfile
+    """Train briefly on library/howto/whatsnew, evaluate on held-out tutorial/faq/reference, and
+    save the policy, the results JSON / Markdown and a plot in ``--output-dir``."""
+    import importlib.util
 
     from .data import EVAL_SECTIONS, TRAIN_SECTIONS
     from .evaluation import evaluate_perplexity
 
+    _check_output_path(args.output)
     _set_threads(args.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     train_texts = read_texts(list(TRAIN_SECTIONS), args.text_root)
     eval_texts = read_texts(list(EVAL_SECTIONS), args.text_root)
-    output_dir = args.output_dir or tempfile.mkdtemp(prefix="sol-hf-demo-")
+    run_dir = args.output_dir
+    os.makedirs(run_dir, exist_ok=True)
+    policy_dir = os.path.join(run_dir, "policy")
     print(f"sol-hf demo: training a policy for SmolLM2-135M on {', '.join(TRAIN_SECTIONS)} "
           f"({args.steps} updates of {args.windows_per_step} windows x {args.num_generations} schedules x "
-          f"{args.rollout_steps} steps, context {args.context_length})", file=sys.stderr)
-    _, train_wall, _ = _train(args, train_texts, output_dir, args.steps, args.context_length, not args.no_progress)
+          f"{args.rollout_steps} steps, context {args.context_length}); everything goes to {run_dir}", file=sys.stderr)
+    _, train_wall, _ = _train(args, train_texts, policy_dir, args.steps, args.context_length, not args.no_progress)
     print(f"sol-hf demo: trained in {train_wall:.0f} s ({train_wall / args.steps:.1f} s per update); evaluating on held-out "
           f"{', '.join(EVAL_SECTIONS)}", file=sys.stderr)
-    model, tokenizer = load_model(args.base, output_dir)
+    model, tokenizer = load_model(args.base, policy_dir)
     windows = eval_windows(tokenizer, eval_texts, args.context_length, args.rollout_steps, args.eval_windows)
     result = evaluate_perplexity(
         model, windows, args.context_length, list(DEMO_BUDGETS), random_seeds=args.random_seeds, batch_size=8,
-        progress=not args.no_progress, metadata={"demo": True, "policy": output_dir, "train_s": train_wall},
+        progress=not args.no_progress, metadata={"demo": True, "policy": policy_dir, "train_s": train_wall},
     )
-    print(result.to_markdown())
+    markdown = result.to_markdown()
+    print(markdown)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    print(f"demo: {wall:.0f} s wall, {cpu:.0f} s CPU (training {train_wall:.0f} s); policy artifact in {output_dir}. "
-          f"A brief demo run: for the full result see docs/results.md.")
-    if args.output:
-        result.data["run"] = {"wall_s": wall, "cpu_s": cpu, "train_wall_s": train_wall}
-        result.to_json(args.output)
+    result.data["run"] = {"wall_s": wall, "cpu_s": cpu, "train_wall_s": train_wall}
+    json_path = args.output or os.path.join(run_dir, "demo.json")
+    result.to_json(json_path)
+    md_path = os.path.join(run_dir, "demo.md")
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(markdown)
+    saved = [json_path, md_path]
+    if importlib.util.find_spec("matplotlib") is not None:
+        from .evaluation import plot_evaluation
+
+        saved.append(os.path.join(run_dir, "demo.png"))
+        plot_evaluation(result.data, saved[-1], title="sol-hf demo: SmolLM2-135M, held-out Python docs")
+    else:
+        print("sol-hf demo: no plot (it needs matplotlib: pip install 'sol-hf[plots]')", file=sys.stderr)
+    print(demo_verdict(result.data) + " A brief demo: for the full result see docs/results.md.")
+    print(f"demo: {wall:.0f} s wall, {cpu:.0f} s CPU (training {train_wall:.0f} s). Saved: policy {policy_dir}, "
+          + ", ".join(saved))
     return 0
 
 
@@ -562,8 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     training_options(d, steps=20, context_length=128, max_windows=400)
     d.add_argument("--eval-windows", type=_positive_int("--eval-windows"), default=16, help="held-out windows scored (default 16)")
     d.add_argument("--random-seeds", type=_positive_int("--random-seeds"), default=8, help="random schedules per budget (default 8)")
-    d.add_argument("--output-dir", default=None, help="keep the trained policy here (default: a temporary folder)")
-    d.add_argument("--output", default=None, help="write the evaluation JSON here")
+    d.add_argument("--output-dir", default="sol-hf-demo",
+                   help="folder for the trained policy, demo.json, demo.md and demo.png (default ./sol-hf-demo)")
+    d.add_argument("--output", default=None, help="write the evaluation JSON here instead of OUTPUT_DIR/demo.json")
     d.set_defaults(func=cmd_demo, threads=2)
     return parser
 

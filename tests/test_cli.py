@@ -184,13 +184,24 @@ def test_train_errors(base_dir, docs_root, tmp_path, capsys):
 
 def test_demo_runs_end_to_end_on_a_tiny_model(base_dir, docs_root, tmp_path, capsys):
     pytest.importorskip("trl")
-    out = tmp_path / "demo.json"
-    assert main(["demo", "--base", str(base_dir), *tiny_training_args(docs_root), "--eval-windows", "2", "--random-seeds", "1",
-                 "--output", str(out), "--output-dir", str(tmp_path / "demo-policy")]) == 0
-    printed = capsys.readouterr().out
+    run = tmp_path / "demo"
+    training = [a for a in tiny_training_args(docs_root) if a != "--no-progress"]  # the progress lines are checked
+    args = ["demo", "--base", str(base_dir), *training, "--eval-windows", "2", "--random-seeds", "1", "--output-dir", str(run)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "| - | dense |" in printed and "**policy**" in printed and "demo:" in printed
-    data = json.loads(out.read_text())
+    assert "In this short run, at budget " in printed  # one sentence says what won
+    # readable progress: one line per update, no raw log dictionaries
+    assert "update 1/" in captured.err and "{'loss'" not in captured.err and "{'loss'" not in printed
+    data = json.loads((run / "demo.json").read_text())
     assert len(data["budgets"]) == 2 and data["run"]["train_wall_s"] > 0
+    assert (run / "demo.md").read_text().startswith(printed.split("| budget |")[0].strip().splitlines()[-1][:20])
+    assert (run / "policy" / "policy.safetensors").is_file()
+    if __import__("importlib").util.find_spec("matplotlib"):
+        assert (run / "demo.png").stat().st_size > 10_000
+    for sentence in (str(run / "demo.json"), str(run / "demo.md")):
+        assert sentence in printed
 
 
 def test_help_does_not_import_torch():

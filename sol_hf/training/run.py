@@ -9,6 +9,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers import PrinterCallback
+
+from .progress import UpdateLines
 
 __all__ = ["windows_dataset", "split_texts", "train_policy", "DEFAULT_GRID"]
 
@@ -146,13 +149,16 @@ def train_policy(
         budget_guard=budget_guard,
         learning_rate=learning_rate,
         entropy_coef=entropy_coef,
-        disable_tqdm=not progress,
+        disable_tqdm=True,  # progress: one readable line per update (UpdateLines), not a bar plus raw dicts
         **config_overrides,
     )
     trainer = SolGRPOTrainer(
         model, args, train_dataset=windows_dataset(train_windows), processing_class=tokenizer,
         callbacks=list(callbacks) if callbacks else None,
     )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dictionary
+    if progress:
+        trainer.add_callback(UpdateLines())
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=config_overrides.get("resume_from_checkpoint"))
     elapsed = time.perf_counter() - started
