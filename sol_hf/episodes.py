@@ -10,6 +10,7 @@ actions (teacher forcing), so rows that share a prefix differ only in their sche
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,7 @@ def run_episodes(
     targets: BudgetTargets,
     repeats: int = 1,
     with_dense: bool = False,
+    on_step: Callable[[], None] | None = None,
 ) -> EpisodeBatch:
     """Run controlled teacher-forced episodes.
 
@@ -75,6 +77,7 @@ def run_episodes(
         repeats: schedules per window (GRPO's K counterfactual rollouts share one dense prefill).
         with_dense: also score the T tokens with the dense model and record each step's KL to it
             (for KL rewards and reports).
+        on_step: called after each of the T controlled steps (progress reporting).
     """
     device = model.device
     windows = windows.to(device)
@@ -121,6 +124,8 @@ def run_episodes(
         cache = _cache_of(out)
         hidden = hidden[:, -1]
         previous_logits = out.logits[:, -1]
+        if on_step is not None:
+            on_step()
         values = model.space.values(actions)
         log_probs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         record["lp"].append(log_probs.gather(-1, windows[:, position + 1].unsqueeze(-1)).squeeze(-1))

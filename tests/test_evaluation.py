@@ -276,3 +276,29 @@ def test_sampled_policy_evaluation_is_reproducible_and_differs_from_greedy(pair)
             evaluate_perplexity(model, w, CONTEXT, [0.9], policy_temperature=-1.0, **kwargs)
     finally:
         model.policy.load_state_dict(saved)
+
+
+def test_progress_moves_once_per_controlled_step(pair, monkeypatch):
+    """The bar counts controlled steps (policy run + baselines run per batch and budget), so it
+    moves during a batch instead of once per batch."""
+    import tqdm.auto
+
+    model, _ = pair
+    updates, totals = [], []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            totals.append(total)
+
+        def update(self, n):
+            updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    w = windows(3, seed=4)
+    evaluate_perplexity(model, w, CONTEXT, [0.85, 0.9], random_seeds=1, batch_size=2, resamples=10, progress=True)
+    steps = w.shape[1] - CONTEXT - 1
+    expected = 2 * 2 * 2 * steps  # 2 batches x 2 budgets x (policy, baselines) x steps
+    assert totals == [expected] and sum(updates) == expected

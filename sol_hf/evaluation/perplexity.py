@@ -236,7 +236,10 @@ def evaluate_perplexity(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_batches * len(budgets), desc="sol-hf eval", unit="batch")
+        # per controlled step (a policy run and a baselines run per batch and budget), so the bar
+        # moves every few seconds rather than once per batch
+        bar = tqdm(total=n_batches * len(budgets) * 2 * steps, desc=f"sol-hf eval ({num_windows} windows)", unit="step")
+    tick = None if bar is None else (lambda: bar.update(1))
     try:
         for b in range(n_batches):
             chunk = windows[b * batch_size : (b + 1) * batch_size]
@@ -247,7 +250,7 @@ def evaluate_perplexity(
                     model.policy, do_sample=policy_temperature > 0, temperature=policy_temperature or 1.0,
                     budget_guard=budget_guard, seed=seed * 1_000_003 + b * 101 + i,
                 )
-                run = run_episodes(model, chunk, context_length, policy, targets, with_dense=(i == 0))
+                run = run_episodes(model, chunk, context_length, policy, targets, with_dense=(i == 0), on_step=tick)
                 policy_means = _window_means(run)
                 collected[i]["policy"].add(run.token_log_probs, policy_means)
                 if i == 0:
@@ -256,12 +259,10 @@ def evaluate_perplexity(
                 matched = policy_means.clone()
                 matched[:, 3] /= 16.0
                 matched_targets = BudgetTargets(matched.float().clamp(1e-6, 1.0), torch.ones(rows, len(BUDGET_AXES), dtype=torch.bool))
-                base = run_episodes(model, chunk, context_length, grouped, matched_targets, repeats=groups)
+                base = run_episodes(model, chunk, context_length, grouped, matched_targets, repeats=groups, on_step=tick)
                 means = _window_means(base)
                 for g, (name, _, _) in enumerate(members):
                     collected[i][name].add(base.token_log_probs[g::groups], means[g::groups])
-                if bar is not None:
-                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()
