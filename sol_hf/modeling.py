@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,9 +225,13 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         model alone."""
         if controller not in ("policy", "uniform", "random"):
             raise ValueError(f"controller must be 'policy', 'uniform' or 'random', got {controller!r}")
-        if not isinstance(context_length, int) or isinstance(context_length, bool) or context_length < 1:
+        try:
+            length = operator.index(context_length)  # int, numpy or 0-d torch integers
+        except TypeError:
+            length = None
+        if length is None or isinstance(context_length, bool) or length < 1:
             raise ValueError(f"context_length must be a positive integer (tokens, the current one included), got {context_length!r}")
-        cheapest = self.cost_model.cheapest_cost(context_length, controller == "policy", device=device or self.device)
+        cheapest = self.cost_model.cheapest_cost(length, controller == "policy", device=device or self.device)
         return min(cheapest, 1.0), 1.0
 
     def unreachable_budget_message(self, budget: float, context_length: int, controller: str = "uniform") -> str | None:

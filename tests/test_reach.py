@@ -73,6 +73,12 @@ def test_nothing_below_1_is_reachable_when_the_policy_outweighs_the_savings():
 def test_an_unreachable_budget_says_what_is_reachable():
     model = SolForCausalLM(tiny_model("llama"), SolConfig(policy_hidden_size=32))
     low, _ = model.budget_range(30)
+    assert model.budget_range(torch.tensor(30)) == model.budget_range(30)  # integer-like lengths are fine
+    for bad in (0, -3, 2.5, "30", True, None):
+        with pytest.raises(ValueError, match="context_length must be a positive integer"):
+            model.budget_range(bad)
+    with pytest.raises(ValueError, match="controller must be 'policy', 'uniform' or 'random'"):
+        model.budget_range(30, "greedy")
     ids = torch.randint(3, VOCAB, (1, 29), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=rf"reachable: \[{low:.3f}, 1.0\]"):
         model.generate(ids, max_new_tokens=2, compute_budget=low / 2, controller="uniform")
