@@ -221,9 +221,9 @@ class CostModel:
     ``attention_overhead_bytes`` is the executing backend's fixed cost of the page-sparse
     attention path per layer call (its extra ops), in bytes: where the pages skipped would save
     less than that, attention runs dense and the attention action is credited nothing.
-    ``sparse_linear_read_factor`` is, per device type, the sparse MLP op's time per byte over the
-    dense projection's: where it would be slower than the dense projection, the masked dense
-    projection runs and the MLP action is credited nothing.
+    ``sparse_linear_read_factor`` is, per device type, the sparse projection op's time per byte
+    over the dense projection's: where it would be slower than the dense projection, the masked
+    dense projection runs and that projection is credited nothing.
     """
 
     def __init__(self, space: ActionSpace, step_bytes: StepBytes, config: SolConfig,

@@ -157,15 +157,15 @@ class SolForCausalLM(SolHubMixin, nn.Module):
 
     @property
     def sparse_linear_read_factor(self) -> dict[str, float]:
-        """Per device type, the sparse MLP op's time per byte over the dense projection's. The
-        sparse op runs only where it is faster (kept rows x factor < all rows); elsewhere the
-        dense projection runs on the pruned input and the MLP action is credited nothing. Shared
+        """Per device type, the sparse projection op's time per byte over the dense projection's.
+        The sparse op runs only where it is faster (kept rows x factor < all rows); elsewhere the
+        dense projection runs on the pruned input and that projection is credited nothing. Shared
         by the cost model and the runtime, like :attr:`attention_overhead_bytes`."""
         return self.cost_model.sparse_linear_read_factor
 
     @property
     def prepared_weight_bytes(self) -> int:
-        """Memory held by the transposed MLP weight copies the sparse projections read (freed by
+        """Memory held by the transposed weight copies the sparse projections read (freed by
         :meth:`unwrap`)."""
         return sum(e.prepared_bytes for e in self._layer_executors)
 
@@ -223,6 +223,10 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         even the cheapest action costs a dense step or more (a policy large next to its model),
         nothing below 1.0 is reachable and the range is ``(1.0, 1.0)``: budget 1.0 runs the base
         model alone."""
+        return min(self._cheapest_cost(context_length, controller, device), 1.0), 1.0
+
+    def _cheapest_cost(self, context_length: int, controller: str, device: torch.device | str | None = None) -> float:
+        """The cheapest action's cost fraction (not capped at 1.0), after checking the arguments."""
         if controller not in ("policy", "uniform", "random"):
             raise ValueError(f"controller must be 'policy', 'uniform' or 'random', got {controller!r}")
         try:
@@ -231,15 +235,14 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             length = None
         if length is None or isinstance(context_length, bool) or length < 1:
             raise ValueError(f"context_length must be a positive integer (tokens, the current one included), got {context_length!r}")
-        cheapest = self.cost_model.cheapest_cost(length, controller == "policy", device=device or self.device)
-        return min(cheapest, 1.0), 1.0
+        return self.cost_model.cheapest_cost(length, controller == "policy", device=device or self.device)
 
     def unreachable_budget_message(self, budget: float, context_length: int, controller: str = "uniform") -> str | None:
         """Why a unified ``budget`` cannot be met at ``context_length`` tokens, or ``None`` if it can."""
-        low, _ = self.budget_range(context_length, controller)
+        cheapest = self._cheapest_cost(context_length, controller)
+        low = min(cheapest, 1.0)
         if budget >= 1.0 or budget >= low - 1e-6:
             return None
-        cheapest = self.cost_model.cheapest_cost(context_length, controller == "policy", device=self.device)
         if low >= 1.0:
             policy = self.cost_model.bytes.policy / float(self.cost_model.dense_bytes(torch.tensor([context_length], device=self.device)))
             return (
@@ -447,7 +450,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             return
         lengths = attention_mask.sum(-1) if attention_mask is not None else torch.full((input_ids.shape[0],), input_ids.shape[1])
         for row in range(targets.batch_size):
-            if not targets.is_set[row, 0]:
+            if not is_set[row, 0]:
                 continue
             target = float(targets.values[row, 0])
             reason = self.unreachable_budget_message(target, int(lengths[row]) + 1, "policy" if ctrl.uses_policy else "uniform")

@@ -96,6 +96,7 @@ class _PrunedProjections:
         element = self.weight_t.element_size()
         self.row_bytes = float(self.weight_t.shape[1] * element)
         self.full_bytes = float(sum(p.numel() * p.element_size() for m in projections for p in m.parameters()))
+        self.bias_bytes = self.full_bytes - self.width * self.row_bytes  # read whatever channels are kept
         self.counts_host = tuple(kept_count(k, self.width) for k in levels)
         self._counts: dict[torch.device, torch.Tensor] = {}
         self._last_input: torch.Tensor | None = None
@@ -135,7 +136,7 @@ class _PrunedProjections:
             if row_bytes_read is not None:
                 step.projection_bytes.add(row_bytes_read)
             else:
-                step.projection_bytes.add(counts * self.row_bytes + (self.full_bytes - self.width * self.row_bytes))
+                step.projection_bytes.add(counts * self.row_bytes + self.bias_bytes)
         else:
             if counts is None:
                 counts = self.counts(x.device)[step.activation_index]
@@ -155,7 +156,7 @@ class _PrunedProjections:
         """(all kept, sparse, widest count, every row keeps the same count, bytes read per row
         or None) for this step: decided once per step for every group of the same width, levels
         and dtype (each layer's q/k/v, say), from the host copies of the actions where there are."""
-        key = ("projection", self.width, self.counts_host, self.weight_t.dtype, self.row_bytes, self.full_bytes, rows)
+        key = ("projection", self.width, self.counts_host, self.weight_t.dtype, self.row_bytes, self.bias_bytes, rows)
         plan = step.layouts.get(key)
         if plan is None:
             if step.host is not None:  # sizes known on the host: pick the faster path
@@ -165,7 +166,7 @@ class _PrunedProjections:
                 factor = read_factor(self.runtime.cost_model.sparse_linear_read_factor, device.type, self.weight_t.dtype)
                 sparse = step.decode and sparse_linear_pays(sum(host_counts), self.width, factor)
                 uniform = min(host_counts) == widest
-                rest = self.full_bytes - self.width * self.row_bytes  # biases
+                rest = self.bias_bytes
                 read = widest * self.row_bytes + rest if uniform else [c * self.row_bytes + rest for c in host_counts]
             else:  # Triton reads the counts on the device: one row at a time pays, no host sync
                 widest, all_kept, sparse, uniform, read = self.width, False, step.decode and rows == 1, False, None
