@@ -11,7 +11,7 @@ from typing import Any
 
 # 2: the second axis became ``activation_keep`` over the projections named in ``sparse_inputs``
 #    (1 had ``mlp_keep`` over the MLP input, plus ``prune_intermediate``); 1 files still load.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CONFIG_NAME = "sol_config.json"
 
 # The projections whose input activation the activation axis prunes (TEAL-style top-|x| per token).
@@ -77,6 +77,9 @@ class SolConfig:
         kv_refresh: how KV entries written under sparse actions are treated; ``"none"`` keeps
             them as written (the paper's default at inference).
         base_model_name_or_path, base_revision: the base model the policy belongs to.
+        adapter_name_or_path, adapter_revision: the PEFT adapter the policy belongs to, where the
+            base is a ``PeftModel`` (recorded beside a fingerprint of the adapter's weights; loading
+            the policy without a base loads this adapter onto the base).
     """
 
     attention_keep: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
@@ -99,6 +102,8 @@ class SolConfig:
     kv_refresh: str = "none"
     base_model_name_or_path: str | None = None
     base_revision: str | None = None
+    adapter_name_or_path: str | None = None
+    adapter_revision: str | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -192,7 +197,7 @@ class SolConfig:
             raise ValueError(f"a SolConfig must be a JSON object, got {type(data).__name__}")
         data = _upgrade(data)
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"base_fingerprint", "sol_hf_version"})
+        unknown = sorted(set(data) - known - {"base_fingerprint", "adapter_fingerprint", "sol_hf_version"})
         if unknown and int(data.get("format_version", FORMAT_VERSION)) <= FORMAT_VERSION:
             raise ValueError(f"unknown SolConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -226,8 +231,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
-    """A format-1 config (``mlp_keep``, ``prune_intermediate``) in format-2 fields, same actions.
-    Format 1 predates ``sparse_inputs``; its fields default to format 1's defaults."""
+    """A format-1 config (``mlp_keep``, ``prune_intermediate``) in today's fields, same actions.
+    Format 1 predates ``sparse_inputs``; its fields default to format 1's defaults. Format 2
+    predates PEFT bases: its policies belong to bare base models (no adapter fields), as read."""
     version = data.get("format_version", 1 if ("mlp_keep" in data or "prune_intermediate" in data) else FORMAT_VERSION)
     if not isinstance(version, int) or version >= 2:
         return data

@@ -30,6 +30,7 @@ import torch
 
 from .config import CONFIG_NAME, FORMAT_VERSION, SolConfig
 from .policy import SolPolicy
+from .runtime.lora import applied_adapter_tensors, is_peft_model, peft_inner_model
 
 __all__ = [
     "SolHubMixin",
@@ -39,6 +40,7 @@ __all__ = [
     "MODEL_CARD_NAME",
     "ARTIFACT_FILES",
     "base_fingerprint",
+    "adapter_fingerprint",
     "read_artifact_config",
     "read_policy_tensors",
     "resolve_policy_folder",
@@ -126,9 +128,67 @@ def _check_fingerprint(
             f"Load it with the base model named in its sol_config.json, or pass allow_fingerprint_mismatch=True "
             f"to load it anyway (its actions were learned on another model)."
         )
+    _refuse_or_warn(message, allow_mismatch)
+
+
+def _refuse_or_warn(message: str, allow_mismatch: bool) -> None:
+    """A mismatch between a policy and the model it is loaded on: an error, or with the caller's
+    ``allow_fingerprint_mismatch`` a warning pointing at the caller of ``from_pretrained``."""
     if not allow_mismatch:
         raise SolArtifactError(message)
-    warnings.warn(message, stacklevel=3)
+    warnings.warn(message, stacklevel=4)
+
+
+ADAPTER_FINGERPRINT_FIELDS = ("adapters", "tensors", "parameters", "sha256")
+
+
+def adapter_fingerprint(model: Any) -> dict[str, Any] | None:
+    """The identity of the PEFT adapters applied to ``model`` (a ``PeftModel``, or a transformers
+    model with PEFT layers), or ``None`` for a bare model.
+
+    Returns ``{adapters, tensors, parameters, sha256}``: the applied adapters' names, how many
+    tensors and parameters they hold, and a SHA-256 over every applied adapter weight (module path,
+    position, dtype, shape and bytes) and scaling. Adapter names do not enter the hash: the same
+    weights loaded under another name are the same adapter.
+    """
+    inner = peft_inner_model(model) if is_peft_model(model) else model
+    entries = applied_adapter_tensors(inner)
+    if not entries:
+        return None
+    digest = hashlib.sha256()
+    parameters = 0
+    for path, _name, position, key, tensor in entries:
+        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{path}/{position}/{key}|{tensor.dtype}|{tensor.numel()}\n".encode("utf-8"))
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        parameters += tensor.numel() if key != "scaling" else 0
+    names = sorted({name for _, name, _, _, _ in entries})
+    return {"adapters": names, "tensors": sum(key != "scaling" for *_, key, _ in entries), "parameters": parameters,
+            "sha256": digest.hexdigest()}
+
+
+def _describe_adapter(fingerprint: Mapping[str, Any] | None, name_or_path: str | None = None) -> str:
+    if fingerprint is None:
+        return "the bare base model (no PEFT adapter)"
+    where = f" from {name_or_path!r}" if name_or_path else ""
+    return (f"PEFT adapter(s) {fingerprint['adapters']}{where} ({fingerprint['parameters']:,} parameters, "
+            f"sha256 {fingerprint['sha256']})")
+
+
+def _check_adapter(stored: dict[str, Any] | None, actual: dict[str, Any] | None, where: str,
+                   stored_name: str | None, allow_mismatch: bool) -> None:
+    """Refuse (or warn, with ``allow_mismatch``) when the model's adapters are not the policy's."""
+    if (stored and stored["sha256"]) == (actual and actual["sha256"]):
+        return
+    message = (
+        f"the policy in {where} was trained on {_describe_adapter(stored, stored_name)}, but the given model has "
+        f"{_describe_adapter(actual)}.\n"
+        f"  policy's adapter fingerprint: {stored}\n"
+        f"  model's adapter fingerprint:  {actual}\n"
+        f"Load the policy on the model (and adapter) it was trained with, or pass allow_fingerprint_mismatch=True "
+        f"to load it anyway (its actions were learned on another model)."
+    )
+    _refuse_or_warn(message, allow_mismatch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,8 +272,9 @@ def _artifact_paths(folder: str) -> tuple[str, str]:
     return config_path, weights_path
 
 
-def read_artifact_config(path: str | os.PathLike) -> tuple[SolConfig, dict[str, Any] | None]:
-    """Parse and validate ``sol_config.json`` -> (SolConfig, stored base fingerprint or None)."""
+def read_artifact_config(path: str | os.PathLike) -> tuple[SolConfig, dict[str, Any] | None, dict[str, Any] | None]:
+    """Parse and validate ``sol_config.json`` -> (SolConfig, stored base fingerprint or None,
+    stored adapter fingerprint or None: a policy for a bare base, as every format-2 artifact)."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -250,7 +311,16 @@ def read_artifact_config(path: str | os.PathLike) -> tuple[SolConfig, dict[str, 
                 f"{path}: base_fingerprint sha256 {fingerprint['sha256']} does not match its fields {fingerprint}; "
                 f"the file was edited or corrupted"
             )
-    return config, fingerprint
+    adapter = data.get("adapter_fingerprint")
+    if adapter is not None and (
+        not isinstance(adapter, dict) or set(adapter) != set(ADAPTER_FINGERPRINT_FIELDS)
+        or not isinstance(adapter["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", adapter["sha256"])
+    ):
+        raise SolArtifactError(
+            f"{path}: adapter_fingerprint must be null or an object with fields {list(ADAPTER_FINGERPRINT_FIELDS)} "
+            f"and a 64-hex sha256, got {adapter!r}"
+        )
+    return config, fingerprint, adapter
 
 
 def read_policy_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -362,13 +432,14 @@ def _usage_budget(config: SolConfig) -> float:
 
 def model_card(
     config: SolConfig, fingerprint: Mapping[str, Any], policy_ref: str, num_policy_parameters: int,
-    evaluation: Sequence[Mapping[str, Any]] | None = None,
+    evaluation: Sequence[Mapping[str, Any]] | None = None, adapter: Mapping[str, Any] | None = None,
 ) -> str:
     """The README.md of a policy artifact: YAML metadata, action grid, budgets, evaluation, usage.
 
     Args:
         policy_ref: what the usage snippet loads (the Hub repo id, or the local folder).
         evaluation: rows of an evaluation table, e.g. ``[{"budget": 0.5, "perplexity": 12.3}]``.
+        adapter: the PEFT adapter fingerprint of an adapted base (:func:`adapter_fingerprint`).
     """
     from huggingface_hub import ModelCardData
 
@@ -382,15 +453,23 @@ def model_card(
     budget = _usage_budget(config)
     rev = f" at revision `{config.base_revision}`" if config.base_revision else ""
     base_line = f"`{base}`{rev}" if base else "an unnamed base model (no `base_model_name_or_path` was recorded)"
+    if adapter is not None:
+        name = config.adapter_name_or_path
+        adapter_rev = f" at revision `{config.adapter_revision}`" if config.adapter_revision else ""
+        named = f"`{name}`{adapter_rev}" if name else "an unnamed adapter (no `adapter_name_or_path` was recorded)"
+        base_line += (f" with the PEFT LoRA adapter {named} applied (unmerged; adapter weights sha256 "
+                      f"`{adapter['sha256']}`); it refuses to load on another adapter")
     levels = lambda values: ", ".join(f"{v:g}" for v in values)  # noqa: E731
 
-    if base:
+    unnamed_adapter = adapter is not None and not config.adapter_name_or_path
+    if base and not unnamed_adapter:
         revision_arg = f', revision="{config.base_revision}"' if config.base_revision else ""
+        also = "the pinned base model" + (" and its adapter" if adapter is not None else "")
         usage = (
             "```python\n"
             "from transformers import AutoTokenizer\n"
             "from sol_hf import SolForCausalLM\n\n"
-            f'model = SolForCausalLM.from_pretrained("{policy_ref}")  # also loads the pinned base model\n'
+            f'model = SolForCausalLM.from_pretrained("{policy_ref}")  # also loads {also}\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{base}"{revision_arg})\n'
             'inputs = tokenizer("The capital of France is", return_tensors="pt")\n'
             f"output = model.generate(**inputs, compute_budget={budget}, max_new_tokens=20)\n"
@@ -399,11 +478,19 @@ def model_card(
             "```"
         )
     else:
+        base_arg = f'"{base}"' if base else '"<the base model this policy was trained on>"'
+        with_adapter = (
+            "from peft import PeftModel\n" if adapter is not None else "",
+            'base = PeftModel.from_pretrained(base, "<the LoRA adapter this policy was trained with>")\n'
+            if adapter is not None else "",
+        )
         usage = (
             "```python\n"
             "from transformers import AutoModelForCausalLM\n"
+            f"{with_adapter[0]}"
             "from sol_hf import SolForCausalLM\n\n"
-            'base = AutoModelForCausalLM.from_pretrained("<the base model this policy was trained on>")\n'
+            f"base = AutoModelForCausalLM.from_pretrained({base_arg})\n"
+            f"{with_adapter[1]}"
             f'model = SolForCausalLM.from_pretrained(base, "{policy_ref}")\n'
             "```"
         )
@@ -411,6 +498,12 @@ def model_card(
         _evaluation_table(evaluation) if evaluation else "No evaluation was recorded with this artifact."
     )
     fp_rows = "\n".join(f"| {k} | {fingerprint.get(k)} |" for k in FINGERPRINT_FIELDS)
+    adapter_section = "" if adapter is None else (
+        "\n## PEFT adapter\n\n| field | value |\n|---|---|\n"
+        f"| name_or_path | {config.adapter_name_or_path} |\n| revision | {config.adapter_revision} |\n"
+        f"| adapters | {', '.join(adapter['adapters'])} |\n| parameters | {adapter['parameters']:,} |\n"
+        f"| sha256 | `{adapter['sha256']}` |\n"
+    )
     body = f"""
 # SOL compute policy for {base or "a causal LM"}
 
@@ -452,12 +545,31 @@ exactly.
 |---|---|
 {fp_rows}
 | sha256 | `{fingerprint.get("sha256")}` |
-
+{adapter_section}
 ## Framework versions
 
 - sol_hf {_sol_hf_version()} (artifact format {config.format_version})
 """
     return f"---\n{data.to_yaml()}\n---\n{body}"
+
+
+def _load_adapter(base_model: Any, config: SolConfig, hub_kwargs: Mapping[str, Any]) -> Any:
+    """``PeftModel.from_pretrained(base_model, config.adapter_name_or_path)`` at the recorded revision."""
+    try:
+        from peft import PeftModel
+    except ImportError as err:
+        raise SolArtifactError(
+            f"this policy was trained on a PEFT adapter ({config.adapter_name_or_path!r}); loading it needs peft: "
+            f"pip install 'sol-hf[training]' (or pip install peft)"
+        ) from err
+    try:
+        return PeftModel.from_pretrained(base_model, config.adapter_name_or_path, revision=config.adapter_revision,
+                                         **{k: v for k, v in hub_kwargs.items() if v is not None})
+    except Exception as err:  # noqa: BLE001 - re-raised with the artifact's context
+        raise SolArtifactError(
+            f"could not load the PEFT adapter {config.adapter_name_or_path!r} (revision {config.adapter_revision!r}) "
+            f"the policy was trained with: {type(err).__name__}: {err}. Load it yourself and pass the PeftModel as base."
+        ) from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,7 +593,7 @@ class SolHubMixin:
     _base_commit_hash: str | None = None
 
     # -- saving ------------------------------------------------------------------------------------
-    def _artifact_config(self) -> tuple[SolConfig, dict[str, Any]]:
+    def _artifact_config(self) -> tuple[SolConfig, dict[str, Any], dict[str, Any] | None]:
         from .config import replace
 
         config = self.sol_config
@@ -493,7 +605,7 @@ class SolHubMixin:
             revision = revision or _hub_commit_hash(config.base_model_name_or_path, None, None)
             if revision:
                 config = replace(config, base_revision=revision)
-        return config, base_fingerprint(base)
+        return config, base_fingerprint(base), adapter_fingerprint(base)
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, evaluation: Sequence[Mapping[str, Any]] | None = None,
@@ -515,8 +627,9 @@ class SolHubMixin:
         if os.path.isfile(directory):
             raise ValueError(f"save_directory {directory} is a file; pass a folder")
         os.makedirs(directory, exist_ok=True)
-        config, fingerprint = self._artifact_config()
-        payload = {**config.to_dict(), "base_fingerprint": fingerprint, "sol_hf_version": _sol_hf_version()}
+        config, fingerprint, adapter = self._artifact_config()
+        payload = {**config.to_dict(), "base_fingerprint": fingerprint, "adapter_fingerprint": adapter,
+                   "sol_hf_version": _sol_hf_version()}
         config_bytes = (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.policy.state_dict().items()}
         weights_bytes = save_safetensors(
@@ -524,7 +637,7 @@ class SolHubMixin:
         )
         rows = evaluation if evaluation is not None else self.evaluation_results
         n_params = sum(p.numel() for p in self.policy.parameters())
-        card = model_card(config, fingerprint, repo_id or directory, n_params, rows)
+        card = model_card(config, fingerprint, repo_id or directory, n_params, rows, adapter=adapter)
         paths = [os.path.join(directory, name) for name in ARTIFACT_FILES]
         for path, data in zip(paths, (config_bytes, weights_bytes, card.encode("utf-8"))):
             _write_atomic(path, data)
@@ -577,16 +690,17 @@ class SolHubMixin:
 
         Args:
             base: a Hub id or local path of the base model, or an already loaded ``PreTrainedModel``
-                (wrapped in place, as ``SolForCausalLM(base, ...)`` does). Alone, without ``policy``:
-                the policy artifact, whose ``sol_config.json`` names the base model, loaded at its
-                pinned ``base_revision`` (as ``AutoPeftModelForCausalLM``).
+                or LoRA ``PeftModel`` (wrapped in place, as ``SolForCausalLM(base, ...)`` does).
+                Alone, without ``policy``: the policy artifact, whose ``sol_config.json`` names the
+                base model, loaded at its pinned ``base_revision`` (as ``AutoPeftModelForCausalLM``),
+                with the PEFT adapter it names (``adapter_name_or_path``) where it was trained on one.
             policy: a Hub repo id or a local folder holding the artifact.
             revision: the **policy** repo's revision.
             base_revision: the base model's revision; defaults to the one pinned in
                 ``sol_config.json`` when the base is the one it names.
             cache_dir, token: for both downloads (``HF_HUB_OFFLINE`` is honoured).
-            allow_fingerprint_mismatch: load a policy whose base fingerprint differs from the
-                base model's, with a warning instead of an error.
+            allow_fingerprint_mismatch: load a policy whose base fingerprint (or PEFT adapter
+                fingerprint) differs from the model's, with a warning instead of an error.
             **base_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` for the base
                 (``dtype``, ``device_map``, ``attn_implementation``, ...).
 
@@ -598,25 +712,26 @@ class SolHubMixin:
 
         if base_kwargs.get("trust_remote_code"):
             raise ValueError("sol_hf never runs remote code: trust_remote_code=True is refused for the base model")
-        if isinstance(base, torch.nn.Module) and not isinstance(base, PreTrainedModel):
+        given_model = isinstance(base, PreTrainedModel) or is_peft_model(base)
+        if isinstance(base, torch.nn.Module) and not given_model:
             raise TypeError(
-                f"base must be a Hub id, a local path or a transformers PreTrainedModel, got {type(base).__name__} "
-                f"(for a SolForCausalLM, pass model.unwrap())"
+                f"base must be a Hub id, a local path, a transformers PreTrainedModel or a peft PeftModel, got "
+                f"{type(base).__name__} (for a SolForCausalLM, pass model.unwrap())"
             )
         if policy is None:
-            if isinstance(base, PreTrainedModel) or base is None:
+            if given_model or base is None:
                 raise TypeError(
                     "SolForCausalLM.from_pretrained(model) needs a policy: from_pretrained(base_model, policy_id_or_path)"
                 )
             policy, base = base, None
         folder = resolve_policy_folder(policy, revision=revision, cache_dir=cache_dir, token=token)
         config_path, weights_path = _artifact_paths(folder)
-        config, stored_fingerprint = read_artifact_config(config_path)
+        config, stored_fingerprint, stored_adapter = read_artifact_config(config_path)
         tensors = read_policy_tensors(weights_path)
 
         # The base: given, or named (by the caller or by sol_config.json). Its config comes first,
         # so a mismatched policy is refused before any base weights load.
-        base_model = base if isinstance(base, PreTrainedModel) else None
+        base_model = base if given_model else None
         hub_kwargs = {"cache_dir": cache_dir, "token": token}
         if base_model is None:
             if base is None:
@@ -639,8 +754,9 @@ class SolHubMixin:
                 ) from err
             base_name = base
         else:
-            base_config = base_model.config
-            base_name = getattr(base_model, "name_or_path", "") or type(base_model).__name__
+            inner = peft_inner_model(base_model) if is_peft_model(base_model) else base_model
+            base_config = inner.config
+            base_name = getattr(inner, "name_or_path", "") or type(inner).__name__
             if base_kwargs:
                 raise TypeError(
                     f"{sorted(base_kwargs)} are for loading the base model; the base was given already loaded"
@@ -648,6 +764,15 @@ class SolHubMixin:
             if getattr(base_model, "_sol_runtime", None) is not None:
                 raise ValueError("this base model is already wrapped by a SolForCausalLM; call .unwrap() on that one first")
         _check_fingerprint(stored_fingerprint, base_fingerprint(base_config), config_path, base_name, allow_fingerprint_mismatch)
+        if base_model is not None:
+            _check_adapter(stored_adapter, adapter_fingerprint(base_model), config_path, config.adapter_name_or_path,
+                           allow_fingerprint_mismatch)
+        elif stored_adapter is not None and not config.adapter_name_or_path:
+            raise SolArtifactError(
+                f"the policy in {config_path} was trained on {base!r} with {_describe_adapter(stored_adapter)}, and names "
+                f"no adapter to load (adapter_name_or_path is null). Load the base and its adapter yourself and pass "
+                f"the PeftModel: SolForCausalLM.from_pretrained(PeftModel.from_pretrained(base, adapter), policy)"
+            )
 
         lm_hidden = base_config.get_text_config().hidden_size
         try:
@@ -661,6 +786,10 @@ class SolHubMixin:
         if base_model is None:
             base_model = AutoModelForCausalLM.from_pretrained(base, revision=base_revision, **hub_kwargs, **base_kwargs)
             commit = _hub_commit_hash(base, base_revision, cache_dir)
+            if stored_adapter is not None:
+                base_model = _load_adapter(base_model, config, hub_kwargs)
+                _check_adapter(stored_adapter, adapter_fingerprint(base_model), config_path, config.adapter_name_or_path,
+                               allow_fingerprint_mismatch)
         elif config.base_revision:
             loaded = getattr(base_model.config, "_commit_hash", None)
             if loaded and loaded != config.base_revision:

@@ -43,6 +43,7 @@ from .policy import (
     policy_hidden_size_for,
 )
 from .runtime.accounting import SolComputeReport, measure_step_bytes
+from .runtime.lora import adapter_state, is_peft_model, peft_inner_model
 from .runtime.attention import ATTENTION_NAMES, SPARSE_ATTENTION_OVERHEAD_BYTES
 from .runtime.projections import SPARSE_LINEAR_READ_FACTOR, LayerExecutor
 from .runtime.state import Runtime, StepState
@@ -85,8 +86,15 @@ class SolForCausalLM(SolHubMixin, nn.Module):
     ``SolForCausalLM(base_model, config, policy=None)`` wraps ``base_model`` in place and
     reversibly (:meth:`unwrap` gives it back unchanged). The base weights are never modified.
 
+    A LoRA ``peft.PeftModel`` is a base like any other: SOL wraps the transformers model inside it
+    (its adapters unmerged), the pruned inputs skip the same channels of the adapters' ``lora_A``,
+    the cost counts the active adapters' weights, and ``set_adapter`` / ``disable_adapter`` keep
+    working while wrapped (the next controlled call follows the change). :meth:`unwrap` returns
+    the ``PeftModel``.
+
     Args:
-        base_model: any supported ``*ForCausalLM`` (see ``sol_hf.adapters``).
+        base_model: any supported ``*ForCausalLM`` (see ``sol_hf.adapters``), or a ``PeftModel``
+            of one with LoRA adapters.
         config: the :class:`SolConfig`; defaults to ``SolConfig()``.
         policy: a trained :class:`SolPolicy`; ``None`` builds an untrained one of the configured size.
     """
@@ -95,6 +103,10 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         super().__init__()
         if getattr(base_model, "_sol_runtime", None) is not None:
             raise ValueError("this base model is already wrapped by a SolForCausalLM; call .unwrap() on that one first")
+        peft_model = None
+        if is_peft_model(base_model):
+            peft_model, base_model = base_model, peft_inner_model(base_model)
+        object.__setattr__(self, "peft_model", peft_model)  # not a submodule: base_model is the one inside it
         text = base_model.config.get_text_config()
         self.adapter = get_adapter(getattr(text, "model_type", None))
         config = copy.deepcopy(config) if config is not None else SolConfig()
@@ -119,13 +131,15 @@ class SolForCausalLM(SolHubMixin, nn.Module):
                 f"{text.hidden_size}"
             )
         self.policy = policy
-        self.cost_model = CostModel(
-            self.space, measure_step_bytes(base_model, self.adapter, config, policy.num_bytes()), config,
-            attention_overhead_bytes=dict(SPARSE_ATTENTION_OVERHEAD_BYTES),
-            sparse_linear_read_factor=dict(SPARSE_LINEAR_READ_FACTOR),
-        )
+        self.cost_model = self._measure_cost_model(dict(SPARSE_ATTENTION_OVERHEAD_BYTES), dict(SPARSE_LINEAR_READ_FACTOR))
         self.last_compute_report: SolComputeReport | None = None
         self._wrap()
+
+    def _measure_cost_model(self, attention_overhead_bytes: dict[str, float], sparse_linear_read_factor: dict[str, float]) -> CostModel:
+        """The cost model of the base as it is now (its active PEFT adapters included)."""
+        step_bytes = measure_step_bytes(self.base_model, self.adapter, self.sol_config, self.policy.num_bytes())
+        return CostModel(self.space, step_bytes, self.sol_config, attention_overhead_bytes=attention_overhead_bytes,
+                         sparse_linear_read_factor=sparse_linear_read_factor)
 
     # -- wrapping -------------------------------------------------------------------------------
     def _wrap(self) -> None:
@@ -145,7 +159,29 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         ]
         object.__setattr__(self, "_handles", handles)
         object.__setattr__(self, "_layer_executors", executors)
+        object.__setattr__(self, "_adapter_state", adapter_state(base))
         base.set_attn_implementation(ATTENTION_NAMES.get(impl, "sol_sdpa"))
+
+    def _follow_adapters(self) -> None:
+        """Bring the prepared layouts and the cost model up to date with the base's PEFT adapters
+        (switched, disabled, merged, added or removed since the last controlled call); a no-op, one
+        walk over the modules, when nothing changed."""
+        state = adapter_state(self.base_model)
+        if state == self._adapter_state:
+            return
+        if [entry[0] for entry in state] != [entry[0] for entry in self._adapter_state]:
+            # Adapters injected or unloaded: the projection modules themselves changed.
+            for executor in self._layer_executors:
+                executor.remove()
+            self._layer_executors[:] = [LayerExecutor(layer, self.adapter, self.sol_config, self._runtime)
+                                        for layer in self.adapter.decoder_layers(self.base_model)]
+        else:
+            for executor in self._layer_executors:
+                executor.refresh()
+        old = self.cost_model
+        self.cost_model = self._measure_cost_model(old.attention_overhead_bytes, old.sparse_linear_read_factor)
+        self._runtime.cost_model = self.cost_model
+        self._adapter_state = state
 
     @property
     def attention_overhead_bytes(self) -> dict[str, float]:
@@ -171,7 +207,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
 
     def unwrap(self) -> PreTrainedModel:
         """Remove every hook, patched ``forward`` and attribute SOL added, free the prepared weight
-        copies, and return the base model as it was."""
+        copies, and return the base model as it was (the ``PeftModel``, where one was wrapped)."""
         base = self.base_model
         for handle in self._handles:
             handle.remove()
@@ -188,7 +224,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         base.set_attn_implementation(self._runtime.original_attn)
         for name, p in base.named_parameters():
             p.requires_grad_(self._base_requires_grad.get(name, p.requires_grad))
-        return base
+        return self.peft_model if self.peft_model is not None else base
 
     # -- conveniences ----------------------------------------------------------------------------
     @property
@@ -227,6 +263,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
 
     def _cheapest_cost(self, context_length: int, controller: str, device: torch.device | str | None = None) -> float:
         """The cheapest action's cost fraction (not capped at 1.0), after checking the arguments."""
+        self._follow_adapters()
         if controller not in ("policy", "uniform", "random"):
             raise ValueError(f"controller must be 'policy', 'uniform' or 'random', got {controller!r}")
         try:
@@ -320,6 +357,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         if actions.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"actions must be integer action indices, got dtype {actions.dtype}")
         actions = actions.to(self.device).long()
+        self._follow_adapters()
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         lengths = self._valid_lengths(input_ids, attention_mask, cache)
         left_padding = total_length = None
@@ -394,6 +432,9 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             )
         if kwargs.get("num_beams", 1) not in (None, 1) or kwargs.get("assistant_model") is not None:
             raise ValueError("controlled generation supports greedy and sampling decoding, not beam search or assisted decoding")
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError("controlled generation runs the PEFT model's active adapters; per-row adapter_names are not supported")
+        self._follow_adapters()
         ctrl = self.make_controller(controller, **(controller_kwargs or {}))
         attention_mask = kwargs.get("attention_mask")
         self._check_reachable(targets, input_ids, attention_mask, ctrl)

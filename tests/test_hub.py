@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from sol_hf import SolConfig, SolForCausalLM
+from sol_hf.config import FORMAT_VERSION
 from sol_hf.hub import ARTIFACT_FILES, POLICY_WEIGHTS_NAME, SolArtifactError, base_fingerprint
 from sol_hf.policy import PolicyController
 
@@ -206,7 +207,7 @@ def test_folder_holds_exactly_three_files_and_no_pickle(base_dirs, tmp_path):
     assert SolConfig.from_dict(saved).to_dict() == model.sol_config.to_dict()
     assert saved["base_fingerprint"] == base_fingerprint(model.base_model)
     assert saved["base_fingerprint"]["num_key_value_heads"] == 2 and saved["base_fingerprint"]["intermediate_size"] == 1024
-    assert saved["sol_hf_version"] and saved["format_version"] == 2
+    assert saved["sol_hf_version"] and saved["format_version"] == FORMAT_VERSION == 3
     assert saved["base_model_name_or_path"] == base_dirs["llama"]
 
     card = ModelCard.load(tmp_path / "README.md")
@@ -392,7 +393,7 @@ BAD_ARTIFACTS = {
     "missing policy.safetensors": (lambda f: (f / POLICY_WEIGHTS_NAME).unlink(), "no policy.safetensors"),
     "invalid JSON": (lambda f: (f / "sol_config.json").write_text('{"attention_keep": [0.5, 1.0'), "not valid JSON"),
     "JSON not an object": (lambda f: (f / "sol_config.json").write_text("[1, 2]"), "must hold a JSON object"),
-    "newer format": (lambda f: _edit_config(f, format_version=3, kv_refresh_schedule="x"), "newer sol_hf"),
+    "newer format": (lambda f: _edit_config(f, format_version=FORMAT_VERSION + 1, kv_refresh_schedule="x"), "newer sol_hf"),
     "invalid config value": (lambda f: _edit_config(f, page_size=-1), "valid SolConfig.*page_size"),
     "unknown config field": (lambda f: _edit_config(f, surprise=1), "unknown SolConfig fields"),
     "tampered fingerprint": (_tamper_fingerprint, "does not match its fields"),

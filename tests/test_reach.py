@@ -122,7 +122,7 @@ FORMAT_1 = {
 
 def test_a_format_1_config_reads_as_the_same_actions():
     config = SolConfig.from_dict(dict(FORMAT_1))
-    assert config.format_version == FORMAT_VERSION == 2
+    assert config.format_version == FORMAT_VERSION == 3
     assert config.activation_keep == (0.4, 0.8, 1.0) and config.bits == (8, 16)
     assert config.sparse_inputs == ("mlp_input", "mlp_output")
     without_intermediate = SolConfig.from_dict({k: v for k, v in FORMAT_1.items() if k != "prune_intermediate"})

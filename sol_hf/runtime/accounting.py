@@ -11,14 +11,17 @@ from transformers import PreTrainedModel
 from ..actions import SiteBytes, StepBytes
 from ..adapters import ModelAdapter
 from ..config import SolConfig
-from .projections import projection_widths
+from .lora import idle_adapter_parameters
+from .projections import projection_bytes, projection_widths
 
 __all__ = ["measure_step_bytes", "SolComputeReport"]
 
 
 def measure_step_bytes(base: PreTrainedModel, adapter: ModelAdapter, config: SolConfig, policy_bytes: float) -> StepBytes:
-    """Bytes a decode step reads, from the base model's real parameters and its config."""
-    unique = {id(p): p for p in base.parameters()}
+    """Bytes a decode step reads, from the base model's real parameters and its config (with a
+    PEFT-adapted base: the active LoRA adapters' weights too, the inactive ones not)."""
+    idle = idle_adapter_parameters(base)  # PEFT adapters a forward does not apply
+    unique = {id(p): p for p in base.parameters() if id(p) not in idle}
     nbytes = lambda p: p.numel() * p.element_size()  # noqa: E731
     layers = adapter.decoder_layers(base)
     sites = []
@@ -26,7 +29,7 @@ def measure_step_bytes(base: PreTrainedModel, adapter: ModelAdapter, config: Sol
         total, widths, rows = 0, [], []
         for layer in layers:
             projections = adapter.site_projections(layer, site)
-            total += sum(nbytes(p) for m in projections for p in m.parameters())
+            total += projection_bytes(projections)
             width, row = projection_widths(projections)
             widths.append(width)
             rows.append(row)

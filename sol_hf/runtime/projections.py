@@ -37,9 +37,10 @@ import torch.nn as nn
 
 from .. import ops
 from ..actions import kept_count, read_factor, sparse_linear_pays
+from .lora import LoraBranch, active_branches, base_layer
 from .state import Runtime, StepState
 
-__all__ = ["LayerExecutor", "quantize_output_hook", "projection_widths", "SPARSE_LINEAR_READ_FACTOR"]
+__all__ = ["LayerExecutor", "quantize_output_hook", "projection_widths", "projection_bytes", "SPARSE_LINEAR_READ_FACTOR"]
 
 # The sparse projection op's time per byte over the dense projection's, per device type, optionally per
 # weight dtype ("cpu:bfloat16"). CPU: torch's embedding_bag reads kept rows more slowly than
@@ -55,7 +56,8 @@ SPARSE_LINEAR_READ_FACTOR = {"cpu": 1.35, "cpu:bfloat16": 1.75, "cpu:float16": 1
 
 def _transposed_weight(module: nn.Module) -> torch.Tensor:
     """(Din, Dout) view of a projection's weight: ``nn.Linear`` stores (Dout, Din); transformers'
-    ``Conv1D`` (GPT-2) already stores (Din, Dout)."""
+    ``Conv1D`` (GPT-2) already stores (Din, Dout). A PEFT layer is read through its base layer."""
+    module = base_layer(module)
     if type(module).__name__ == "Conv1D":
         return module.weight
     if isinstance(module, nn.Linear):
@@ -64,12 +66,27 @@ def _transposed_weight(module: nn.Module) -> torch.Tensor:
 
 
 def projection_widths(projections: list[nn.Module]) -> tuple[int, float]:
-    """(input channels, bytes of one input channel's weights over all ``projections``)."""
+    """(input channels, bytes of one input channel's weights over all ``projections``): a row of
+    each base weight and of each active LoRA adapter's ``lora_A``."""
     weights = [_transposed_weight(p) for p in projections]
     widths = {w.shape[0] for w in weights}
     if len(widths) != 1:
         raise ValueError(f"projections that share an input read different widths {sorted(widths)}; sol_hf cannot prune their shared input")
-    return widths.pop(), float(sum(w.shape[1] * w.element_size() for w in weights))
+    row = sum(w.shape[1] * w.element_size() for w in weights)
+    row += sum(b.lora_A.shape[0] * b.lora_A.element_size() for p in projections for b in active_branches(p))
+    return widths.pop(), float(row)
+
+
+def projection_bytes(projections: list[nn.Module]) -> float:
+    """Bytes a dense forward of ``projections`` reads: base weights and biases, plus the active
+    LoRA adapters' weights (inactive, disabled or merged adapters are not read)."""
+    total = 0
+    for p in projections:
+        tensors = list(base_layer(p).parameters())
+        for branch in active_branches(p):
+            tensors += [branch.lora_A, *branch.lora_B.parameters()]
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return float(total)
 
 
 def _prepare(projections: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
@@ -77,12 +94,25 @@ def _prepare(projections: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor |
     weights = [_transposed_weight(p).detach() for p in projections]
     widths = tuple(w.shape[1] for w in weights)
     fused = weights[0].contiguous() if len(weights) == 1 else torch.cat(weights, dim=1).contiguous()
-    biases = [p.bias for p in projections]
+    biases = [base_layer(p).bias for p in projections]
     if all(b is None for b in biases):
         bias = None
     else:
         bias = torch.cat([b.detach() if b is not None else fused.new_zeros(w) for b, w in zip(biases, widths)])
     return fused, bias, widths
+
+
+def _prepare_lora(projections: list[nn.Module]) -> tuple[torch.Tensor | None, list[tuple[int, LoraBranch]]]:
+    """Fused (Din, sum r) row-major ``lora_A`` of every active adapter of ``projections`` (None
+    without any), and (projection position, branch) per adapter in its column order."""
+    parts = [(i, b) for i, p in enumerate(projections) for b in active_branches(p)]
+    if not parts:
+        return None, []
+    dtypes = {b.lora_A.dtype for _, b in parts}
+    if len(dtypes) != 1:
+        raise TypeError(f"the LoRA adapters of projections that share an input have different dtypes {sorted(map(str, dtypes))}")
+    fused = torch.cat([b.lora_A.detach().t() for _, b in parts], dim=1).contiguous()
+    return fused, parts
 
 
 class _PrunedProjections:
@@ -91,20 +121,33 @@ class _PrunedProjections:
     def __init__(self, projections: list[nn.Module], levels: tuple[float, ...]):
         self.projections = projections
         self.originals = [p.forward for p in projections]
-        self.weight_t, self.bias, self.widths = _prepare(projections)
-        self.width = self.weight_t.shape[0]
-        element = self.weight_t.element_size()
-        self.row_bytes = float(self.weight_t.shape[1] * element)
-        self.full_bytes = float(sum(p.numel() * p.element_size() for m in projections for p in m.parameters()))
-        self.bias_bytes = self.full_bytes - self.width * self.row_bytes  # read whatever channels are kept
-        self.counts_host = tuple(kept_count(k, self.width) for k in levels)
+        self.levels = levels
         self._counts: dict[torch.device, torch.Tensor] = {}
         self._last_input: torch.Tensor | None = None
         self._last_step: StepState | None = None
         self._last_outputs: tuple[torch.Tensor, ...] = ()
-        # Copies made for the layout (a Conv1D weight is used as it is, no copy).
-        shares = len(projections) == 1 and self.weight_t.data_ptr() == projections[0].weight.data_ptr()
-        self.prepared_bytes = 0 if shares else self.weight_t.numel() * element
+        self._merged: tuple[bool, ...] | None = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """(Re)read the projections: the prepared layouts and their byte figures. Called at wrap
+        time and whenever the PEFT adapters change (switched, disabled, merged): a merge changes
+        the base weight, so its layout is prepared again; the adapters' layout always is."""
+        merged = tuple(bool(getattr(p, "merged", False)) for p in self.projections)
+        if merged != self._merged:
+            self.weight_t, self.bias, self.widths = _prepare(self.projections)
+            self._merged = merged
+        self.lora_t, self.lora_parts = _prepare_lora(self.projections)
+        self.width, self.row_bytes = projection_widths(self.projections)
+        self.full_bytes = projection_bytes(self.projections)
+        self.bias_bytes = self.full_bytes - self.width * self.row_bytes  # biases and lora_B: read whatever is kept
+        self.counts_host = tuple(kept_count(k, self.width) for k in self.levels)
+        self._last_input, self._last_step, self._last_outputs = None, None, ()
+        # Copies made for the layouts (a Conv1D weight is used as it is, no copy).
+        base = base_layer(self.projections[0])
+        shares = len(self.projections) == 1 and self.weight_t.data_ptr() == base.weight.data_ptr()
+        lora = 0 if self.lora_t is None else self.lora_t.numel() * self.lora_t.element_size()
+        self.prepared_bytes = (0 if shares else self.weight_t.numel() * self.weight_t.element_size()) + lora
 
     def counts(self, device: torch.device) -> torch.Tensor:
         """(levels,) int64 kept channels per activation keep level, on ``device`` (built once)."""
@@ -129,10 +172,10 @@ class _PrunedProjections:
             # (R, widest); largest first where rows keep different counts (each reads a prefix)
             channels = torch.topk(flat.abs(), widest, dim=-1, sorted=not uniform).indices
             fused = ops.sparse_linear(flat, self.weight_t, channels, counts, self.bias)
-            if len(self.widths) == 1:
-                results = (fused.view(*lead, fused.shape[-1]),)
-            else:
-                results = tuple(y.view(*lead, y.shape[-1]) for y in fused.split(self.widths, dim=-1))
+            flat_results = [fused] if len(self.widths) == 1 else list(fused.split(self.widths, dim=-1))
+            if self.lora_t is not None:
+                self._add_adapters(flat_results, flat, channels, counts)
+            results = tuple(y.view(*lead, y.shape[-1]) for y in flat_results)
             if row_bytes_read is not None:
                 step.projection_bytes.add(row_bytes_read)
             else:
@@ -151,6 +194,17 @@ class _PrunedProjections:
             step.projection_bytes.add(self.full_bytes)
         self._last_input, self._last_step, self._last_outputs = x, step, results
         return results
+
+    def _add_adapters(self, results: list[torch.Tensor], flat: torch.Tensor, channels: torch.Tensor,
+                      counts: torch.Tensor | None) -> None:
+        """Add each active LoRA adapter's ``lora_B(lora_A x) * scaling`` to its projection's (R, Dout)
+        result, reading only the kept rows of the fused ``lora_A`` layout (as PEFT does, the adapter
+        computes in its own dtype and the sum is cast back to the projection's)."""
+        low = ops.sparse_linear(flat.to(self.lora_t.dtype), self.lora_t, channels, counts, None)  # (R, sum r)
+        ranks = [branch.lora_A.shape[0] for _, branch in self.lora_parts]
+        for (position, branch), part in zip(self.lora_parts, low.split(ranks, dim=-1)):
+            base = results[position]
+            results[position] = (base + branch.lora_B(part) * branch.scaling).to(base.dtype)
 
     def _plan(self, step: StepState, rows: int, device: torch.device):
         """(all kept, sparse, widest count, every row keeps the same count, bytes read per row
@@ -188,7 +242,8 @@ class _PrunedProjections:
         for module in self.projections:
             module.__dict__.pop("forward", None)
         self._last_input, self._last_step, self._last_outputs = None, None, ()
-        self.weight_t = self.bias = None
+        self.weight_t = self.bias = self.lora_t = None
+        self.lora_parts = []
         self._counts.clear()
 
 
@@ -218,6 +273,11 @@ class LayerExecutor:
     def prepared_bytes(self) -> int:
         """Memory held by the prepared (transposed) weight copies."""
         return sum(group.prepared_bytes for group in self.groups)
+
+    def refresh(self) -> None:
+        """Follow a change of the layer's PEFT adapters (see :meth:`_PrunedProjections.refresh`)."""
+        for group in self.groups:
+            group.refresh()
 
     def remove(self) -> None:
         if self.quant_handle is not None:
