@@ -15,6 +15,7 @@ from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, get_peft_
 
 from sol_hf import SolConfig, SolForCausalLM  # noqa: E402
 from sol_hf.hub import SolArtifactError, adapter_fingerprint  # noqa: E402
+from sol_hf.ops import HAS_TRITON  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _tiny import VOCAB, tiny_model  # noqa: E402
@@ -409,3 +410,24 @@ def test_lora_layers_injected_without_a_peft_model_work_too():
     torch.testing.assert_close(model(ids).logits, _logits(reference, ids), atol=1e-5, rtol=1e-5)
     sites = {s.name: s for s in model.cost_model.bytes.sites}
     assert sites["attention_input"].row_bytes[0] == (64 + 32 + 32) * 4 + 4 * 4  # q/k/v rows + lora_A row of q
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_backend_reads_the_lora_rows_too():
+    """The Triton sparse-linear kernel (interpreted on CPU) runs the base and the lora_A layouts of
+    a decode step: same logits as the teacher-forced reference."""
+    from sol_hf.ops import use_backend
+
+    model = SolForCausalLM(lora_model("llama", **WIDE), CONFIG)
+    ids = _ids(1, 16, seed=4)
+    steps = 3
+    actions = torch.full((1, steps), model.space.index_of(1.0, 0.3, 16))
+    context = 16 - steps
+    with use_backend("triton"):
+        parallel = model(ids[:, context:], cache=model(ids[:, :context], use_cache=True).cache, actions=actions, use_cache=True)
+        cache, logits = model(ids[:, :context], use_cache=True).cache, []
+        for t in range(steps):
+            out = model(ids[:, context + t : context + t + 1], cache=cache, actions=actions[:, t : t + 1], use_cache=True)
+            cache = out.cache
+            logits.append(out.logits)
+    torch.testing.assert_close(torch.cat(logits, 1), parallel.logits, atol=5e-5, rtol=1e-4)
