@@ -3,13 +3,15 @@
 ``evaluate_perplexity(model, windows, context_length, budgets)`` scores the dense model, the
 policy, the uniform controller and random schedules matched to the policy's achieved budget,
 with bootstrap intervals; ``EvaluationResult.to_json`` / ``to_markdown`` write the results and
-``plot_evaluation`` draws them (with matplotlib).
+``plot_evaluation`` draws them (with matplotlib). ``search_best_static`` (validation text) and
+``evaluate_sweep`` (held-out text) score every schedule at its own target across a budget range.
 """
 
 from .perplexity import BUDGET_TOLERANCE, EvaluationResult, GroupedController, budget_label, evaluate_perplexity
 from .plot import plot_evaluation
 from .report import markdown_table
 from .stats import bootstrap_indices, gap_closed, paired_comparison, perplexity, perplexity_interval
+from .sweep import StaticMixtureController, StaticSchedule, evaluate_sweep, search_best_static, sweep_markdown
 
 __all__ = [
     "evaluate_perplexity",
@@ -24,4 +26,9 @@ __all__ = [
     "paired_comparison",
     "perplexity",
     "perplexity_interval",
+    "StaticMixtureController",
+    "StaticSchedule",
+    "search_best_static",
+    "evaluate_sweep",
+    "sweep_markdown",
 ]

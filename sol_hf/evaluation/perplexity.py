@@ -58,6 +58,8 @@ class GroupedController(Controller):
         if any(member.uses_policy for member, _ in members):
             raise ValueError("GroupedController runs non-learned controllers only (the policy needs its own run)")
         self.members = list(members)
+        # the runner fills the base model's confidence when any member reads it
+        self.needs_lm_confidence = any(member.needs_lm_confidence for member, _ in self.members)
 
     def reset(self) -> None:
         for member, _ in self.members:
@@ -70,7 +72,8 @@ class GroupedController(Controller):
         for g, (member, dims) in enumerate(self.members):
             idx = slice(g, rows, groups)
             targets = BudgetTargets(ctx.targets.values[idx], ctx.targets.is_set[idx] & dims.to(ctx.targets.is_set.device))
-            sub = DecisionContext(ctx.requirement[idx], targets, ctx.cost_table[idx], None, ctx.step)
+            confidence = None if ctx.lm_confidence is None else ctx.lm_confidence[idx]
+            sub = DecisionContext(ctx.requirement[idx], targets, ctx.cost_table[idx], None, ctx.step, confidence)
             out[idx] = member.decide(sub)
         return out
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["plot_evaluation", "SCHEDULES"]
+__all__ = ["plot_evaluation", "SCHEDULES", "SWEEP_SCHEDULES"]
 
 # The schedules an evaluation scores per budget, in drawing order, with their legend names.
 SCHEDULES = {
@@ -18,13 +18,22 @@ SCHEDULES = {
     "random_best": "random (best seed)",
     "random_mean": "random (mean of seeds)",
 }
+# The schedules of a sweep (``evaluate_sweep``), each run at the target itself.
+SWEEP_SCHEDULES = {
+    "policy": "policy",
+    "best_static": "best static (searched on validation)",
+    "uniform": "uniform ladder",
+    "surprise": "surprise rule (best static pair)",
+    "random": "random (mean of seeds)",
+    "policy_shuffled": "policy's actions, shuffled",
+}
 
 
 def plot_evaluation(data: dict[str, Any], path: str | None = None, title: str | None = None):
-    """Draw ``data`` (an :class:`~sol_hf.evaluation.EvaluationResult`'s JSON document): for each
-    schedule, its perplexity at each budget against the cost it achieved there (95 % intervals
-    where the evaluation has them), and the dense model at cost 1.0. Saves a PNG to ``path`` if
-    given; returns the matplotlib ``Figure``."""
+    """Draw ``data`` (an :class:`~sol_hf.evaluation.EvaluationResult`'s JSON document, from
+    ``evaluate_perplexity`` or ``evaluate_sweep``): for each schedule, its perplexity at each
+    budget against the cost it achieved there (95 % intervals where the evaluation has them), and
+    the dense model at cost 1.0. Saves a PNG to ``path`` if given; returns the matplotlib ``Figure``."""
     try:
         import matplotlib
 
@@ -37,8 +46,10 @@ def plot_evaluation(data: dict[str, Any], path: str | None = None, title: str | 
     ax.axhline(dense["ppl"], color="gray", linestyle=":", linewidth=1)
     # every entry an errorbar container, so the legend keeps this order
     ax.errorbar([dense["cost"]], [dense["ppl"]], marker="*", markersize=11, color="black", linestyle="none", label="dense")
-    for key, name in SCHEDULES.items():
-        rows = sorted((entry[key] for entry in data["budgets"] if key in entry), key=lambda row: row["cost"])
+    sweep = data.get("kind") == "sweep"
+    for key, name in (SWEEP_SCHEDULES if sweep else SCHEDULES).items():
+        rows = [(entry["schedules"] if sweep else entry).get(key) for entry in data["budgets"]]
+        rows = sorted((row for row in rows if row is not None), key=lambda row: row["cost"])
         if not rows:
             continue
         x = [row["cost"] for row in rows]
