@@ -29,7 +29,7 @@ from transformers.utils import ModelOutput
 
 from . import ops
 from .actions import ActionSpace, CostModel
-from .adapters import get_adapter
+from .adapters import adapter_for
 from .budget import BudgetTargets, parse_compute_budget
 from .cache import page_bounds_cache
 from .config import SolConfig, replace
@@ -53,10 +53,12 @@ __all__ = ["SolForCausalLM", "SolCausalLMOutput", "SolComputeReport", "StepState
 
 
 def _make_hidden_hook(runtime: Runtime):
-    def hook(module, args, output):
+    """Forward pre-hook on the LM head: keeps the hidden state it reads (B, T, H), the final-norm
+    output of every ``*ForCausalLM`` (only the positions kept by ``logits_to_keep``)."""
+
+    def hook(module, args):
         if runtime.capture_hidden:
-            runtime.last_hidden = output[0] if isinstance(output, tuple) else output
-        return None
+            runtime.last_hidden = args[0]
 
     return hook
 
@@ -68,7 +70,8 @@ class SolCausalLMOutput(ModelOutput):
     Attributes:
         logits: (B, T, V).
         cache: the updated KV cache (``None`` without ``use_cache``).
-        last_hidden_state: (B, T, H) output of the base model's final norm.
+        last_hidden_state: (B, T, H) the base model's final (normed) hidden state, which its LM head
+            reads (only the last ``logits_to_keep`` positions when that is given).
         step_cost: (B, T) cost fraction of each position's action (only with ``actions``).
         loss: language-modelling loss when ``labels`` are given.
     """
@@ -108,7 +111,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             peft_model, base_model = base_model, peft_inner_model(base_model)
         object.__setattr__(self, "peft_model", peft_model)  # not a submodule: base_model is the one inside it
         text = base_model.config.get_text_config()
-        self.adapter = get_adapter(getattr(text, "model_type", None))
+        self.adapter = adapter_for(base_model)
         config = copy.deepcopy(config) if config is not None else SolConfig()
         if config.base_model_name_or_path is None and getattr(base_model, "name_or_path", ""):
             config = replace(config, base_model_name_or_path=base_model.name_or_path)
@@ -153,7 +156,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             object.__setattr__(getattr(layer, self.adapter.attention), "_sol_runtime", runtime)
             executors.append(LayerExecutor(layer, self.adapter, self.sol_config, runtime))
         handles = [
-            base.get_submodule(self.adapter.final_norm).register_forward_hook(_make_hidden_hook(runtime)),
+            base.get_submodule(self.adapter.lm_head).register_forward_pre_hook(_make_hidden_hook(runtime)),
             base.register_forward_pre_hook(self._before_base_forward, with_kwargs=True),
             base.register_forward_hook(self._after_base_forward),
         ]

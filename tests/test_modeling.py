@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from _tiny import FAMILIES, VOCAB, tiny_model, tiny_pair
+from _tiny import FAMILIES, VOCAB, decode_and_teacher_forced_logits, tiny_model, tiny_pair
 
 from sol_hf import SolConfig, SolForCausalLM
 from sol_hf.ops import HAS_TRITON
@@ -338,17 +338,8 @@ def test_executed_ops_match_the_reference_per_row_in_padded_batches(family):
     steps = 6
     actions = torch.randint(0, model.space.num_actions, (3, steps), generator=torch.Generator().manual_seed(2))
     actions[0, :3] = model.space.index_of(0.1, min(model.space.activation_keep), 16)  # row 0: sparsest pages, most pruned
-    context = 40 - steps
-    prefix = model(ids[:, :context], attention_mask=mask[:, :context], use_cache=True)
-    parallel = model(ids[:, context:], attention_mask=mask, cache=prefix.cache, actions=actions, use_cache=True)
-    prefix = model(ids[:, :context], attention_mask=mask[:, :context], use_cache=True)
-    cache, logits = prefix.cache, []
-    for t in range(steps):
-        out = model(ids[:, context + t : context + t + 1], attention_mask=mask[:, : context + t + 1], cache=cache,
-                    actions=actions[:, t : t + 1], use_cache=True)
-        cache = out.cache
-        logits.append(out.logits)
-    torch.testing.assert_close(torch.cat(logits, 1), parallel.logits, atol=2e-5, rtol=1e-4)
+    decoded, teacher_forced = decode_and_teacher_forced_logits(model, ids, mask, actions, 40 - steps)
+    torch.testing.assert_close(decoded, teacher_forced, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
@@ -502,8 +493,8 @@ def test_bad_budgets_are_refused_clearly(budget, error, match):
 def test_unsupported_architecture_names_the_supported_ones():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model("opt", hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50, word_embed_proj_dim=32)
-    with pytest.raises(ValueError, match=r"does not support model_type='opt'.*gemma2.*gpt2.*llama.*qwen3"):
+    cfg = AutoConfig.for_model("bloom", hidden_size=32, n_layer=1, n_head=2, vocab_size=50)
+    with pytest.raises(ValueError, match=r"does not support model_type='bloom'.*attention interface.*gemma2.*gpt2.*llama.*qwen3"):
         SolForCausalLM(AutoModelForCausalLM.from_config(cfg), SMALL)
 
 

@@ -22,7 +22,6 @@ def measure_step_bytes(base: PreTrainedModel, adapter: ModelAdapter, config: Sol
     PEFT-adapted base: the active LoRA adapters' weights too, the inactive ones not)."""
     idle = idle_adapter_parameters(base)  # PEFT adapters a forward does not apply
     unique = {id(p): p for p in base.parameters() if id(p) not in idle}
-    nbytes = lambda p: p.numel() * p.element_size()  # noqa: E731
     layers = adapter.decoder_layers(base)
     sites = []
     for site in config.sparse_inputs:
@@ -35,20 +34,10 @@ def measure_step_bytes(base: PreTrainedModel, adapter: ModelAdapter, config: Sol
             rows.append(row)
         sites.append(SiteBytes(site, float(total), tuple(widths), tuple(rows)))
     sparse_total = sum(site.total for site in sites)
-    output_embedding = base.get_output_embeddings()
-    lm_head_ids = {id(p) for p in output_embedding.parameters()} if output_embedding is not None else set()
-    embedding_full = embedding_rows = 0
-    for path in adapter.embeddings:
-        weight = base.get_submodule(path).weight
-        embedding_rows += weight.shape[-1] * weight.element_size()
-        if id(weight) not in lm_head_ids:
-            embedding_full += nbytes(weight)
-    fixed = sum(nbytes(p) for p in unique.values()) - sparse_total - embedding_full + embedding_rows
+    fixed = sum(_nbytes(p) for p in unique.values()) - sparse_total - _unread_lookup_bytes(base, adapter)
+    fixed -= _unread_expert_bytes(base, adapter)
     text = base.config.get_text_config()
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    n_layers = len(adapter.decoder_layers(base))
+    n_layers = len(layers)
     element = next(base.parameters()).element_size()
     layer_types = getattr(text, "layer_types", None)
     sliding = getattr(text, "sliding_window", None) or 0
@@ -59,11 +48,42 @@ def measure_step_bytes(base: PreTrainedModel, adapter: ModelAdapter, config: Sol
     return StepBytes(
         fixed=float(fixed),
         sites=tuple(sites),
-        kv_per_token=(float(2 * kv_heads * head_dim * element),) * n_layers,
+        kv_per_token=tuple(float(adapter.kv_channels(layer, text) * element) for layer in layers),
         window=window,
         policy=float(policy_bytes),
-        weight_dtype=str(adapter.site_projections(layers[-1], "mlp_input")[0].weight.dtype).removeprefix("torch."),
+        weight_dtype=str(adapter.site_projections(layers[-1], config.sparse_inputs[0])[0].weight.dtype).removeprefix("torch."),
     )
+
+
+def _nbytes(p: torch.Tensor) -> int:
+    return p.numel() * p.element_size()
+
+
+def _unread_lookup_bytes(base: PreTrainedModel, adapter: ModelAdapter) -> int:
+    """Bytes of the row-lookup embeddings a step does not read: all but the one row it looks up
+    (an embedding tied to the LM head is read whole by the head besides that row)."""
+    output_embedding = base.get_output_embeddings()
+    lm_head_ids = {id(p) for p in output_embedding.parameters()} if output_embedding is not None else set()
+    unread = 0
+    for path in adapter.embeddings:
+        weight = base.get_submodule(path).weight
+        whole = 0 if id(weight) in lm_head_ids else _nbytes(weight)
+        unread += whole - weight.shape[-1] * weight.element_size()
+    return unread
+
+
+def _unread_expert_bytes(base: PreTrainedModel, adapter: ModelAdapter) -> float:
+    """Bytes of the routed experts a token does not read: of the experts stacked in a mixture-of-
+    experts MLP's 3-D weights (E, ., .), a token reads its ``experts_per_token`` (shared experts and
+    the router, 2-D weights, are read in full)."""
+    if not adapter.mixture_of_experts:
+        return 0.0
+    unread = 0.0
+    for layer in adapter.decoder_layers(base):
+        for p in adapter.mlp_module(layer).parameters():
+            if p.ndim >= 3:
+                unread += _nbytes(p) * (1.0 - min(adapter.experts_per_token, p.shape[0]) / p.shape[0])
+    return unread
 
 
 @dataclass

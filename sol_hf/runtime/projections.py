@@ -266,8 +266,8 @@ class LayerExecutor:
         ]
         for group in self.groups:
             group.install(runtime)
-        mlp = getattr(layer, adapter.mlp)
-        self.quant_handle = mlp.register_forward_hook(quantize_output_hook(runtime)) if min(config.bits) < 16 else None
+        mlp_output = adapter.mlp_output_module(layer)
+        self.quant_handle = mlp_output.register_forward_hook(quantize_output_hook(runtime)) if min(config.bits) < 16 else None
 
     @property
     def prepared_bytes(self) -> int:
