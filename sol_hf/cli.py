@@ -301,15 +301,23 @@ def cmd_eval(args) -> int:
     budgets = args.budgets
     _check_reachable(model, budgets, args.context_length)
     windows = eval_windows(tokenizer, texts, args.context_length, args.steps, args.windows)
-    result = evaluate_perplexity(
-        model, windows, args.context_length, budgets, random_seeds=args.random_seeds, batch_size=args.batch_size,
-        per_axis=not args.no_per_axis, budget_guard=None if args.budget_guard < 0 else args.budget_guard,
-        policy_temperature=args.policy_temperature, seed=args.seed, progress=not args.no_progress,
-        metadata={"base": args.base, "policy": args.policy, **source},
-    )
+    if args.sweep:
+        result = _sweep(args, model, tokenizer, budgets, windows, source)
+    else:
+        result = evaluate_perplexity(
+            model, windows, args.context_length, budgets, random_seeds=args.random_seeds, batch_size=args.batch_size,
+            per_axis=not args.no_per_axis, budget_guard=None if args.budget_guard < 0 else args.budget_guard,
+            policy_temperature=args.policy_temperature, seed=args.seed, progress=not args.no_progress,
+            metadata={"base": args.base, "policy": args.policy, **source},
+        )
     if args.output:
         result.to_json(args.output)
-    markdown = result.to_markdown()
+    if args.sweep:
+        from .evaluation import sweep_markdown
+
+        markdown = sweep_markdown(result.data)
+    else:
+        markdown = result.to_markdown()
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write(markdown)
@@ -320,6 +328,30 @@ def cmd_eval(args) -> int:
         plot_evaluation(result.data, args.plot, title=f"{args.base}: perplexity against achieved cost")
         print(f"plot: {args.plot}")
     return 0
+
+
+def _sweep(args, model, tokenizer, budgets, windows, source):
+    """``sol-hf eval --sweep``: the best static schedule searched on validation windows (training-side
+    text, never the evaluated text), then every schedule at every budget on the held-out windows."""
+    from .data import TRAIN_SECTIONS
+    from .evaluation import evaluate_sweep, search_best_static
+
+    if any(isinstance(b, dict) for b in budgets):
+        raise CLIError("--sweep takes unified budgets (floats): each schedule runs at the target cost itself")
+    if len(budgets) < 2:
+        raise CLIError("--sweep draws a curve: give at least two --budgets (e.g. --budgets 0.5 0.6 0.7 0.8 0.9)")
+    validation_texts = read_texts(list(TRAIN_SECTIONS), args.text_root)
+    validation = eval_windows(tokenizer, validation_texts, args.context_length, args.steps, args.validation_windows)
+    progress = not args.no_progress
+    if progress:
+        print(f"searching the best static schedule on {validation.shape[0]} validation windows "
+              f"({', '.join(TRAIN_SECTIONS)}) ...", flush=True)
+    static = search_best_static(model, validation, args.context_length, budgets, batch_size=args.batch_size, progress=progress)
+    return evaluate_sweep(
+        model, windows, args.context_length, static, policy=args.policy is not None, random_seeds=args.random_seeds,
+        batch_size=args.batch_size, budget_guard=None if args.budget_guard < 0 else args.budget_guard, seed=args.seed,
+        progress=progress, metadata={"base": args.base, "policy": args.policy, "validation_sections": list(TRAIN_SECTIONS), **source},
+    )
 
 
 def cmd_generate(args) -> int:
@@ -543,6 +575,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--policy-temperature", type=_non_negative_float("--policy-temperature"), default=0.0,
                    help="0 = greedy policy decisions (default); > 0 samples them at this temperature (seeded)")
     e.add_argument("--no-per-axis", action="store_true", help="skip the uniform schedule matched per axis")
+    e.add_argument("--sweep", action="store_true",
+                   help="score every schedule at each budget itself (dense, uniform, best static searched on validation "
+                        "text, surprise rule, random, the policy and its shuffled actions) instead of matching to the policy")
+    e.add_argument("--validation-windows", type=_positive_int("--validation-windows"), default=24,
+                   help="--sweep: training-side windows the best static schedule is searched on (default 24)")
     e.add_argument("--seed", type=int, default=0, help="first random-schedule seed and bootstrap seed")
     e.add_argument("--output", default=None, help="write the results JSON here")
     e.add_argument("--markdown", default=None, help="write the Markdown table here")

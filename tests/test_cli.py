@@ -90,6 +90,20 @@ def test_eval_writes_json_and_markdown(base_dir, docs_root, sol_config_file, tmp
     assert "| - | dense |" in printed and md.read_text() in printed
 
 
+def test_eval_sweep_writes_every_schedule_json_markdown_and_plot(base_dir, docs_root, sol_config_file, tmp_path, capsys):
+    out, md, png = tmp_path / "s.json", tmp_path / "s.md", tmp_path / "s.png"
+    assert main(eval_args(base_dir, docs_root, "--sweep", "--budgets", "0.7", "0.9", "--validation-windows", "2",
+                          "--output", str(out), "--markdown", str(md), "--plot", str(png), config=sol_config_file)) == 0
+    data = json.loads(out.read_text())
+    assert data["kind"] == "sweep" and [e["budget"] for e in data["budgets"]] == [0.7, 0.9]
+    assert set(data["budgets"][0]["schedules"]) == {"uniform", "best_static", "surprise", "random"}  # no policy given
+    assert data["metadata"]["validation_sections"] == ["library", "howto", "whatsnew"]  # never the evaluated sections
+    assert md.read_text() in capsys.readouterr().out and png.stat().st_size > 0
+    assert "at least two" in run_error(eval_args(base_dir, docs_root, "--sweep", "--budgets", "0.7", config=sol_config_file), capsys)
+    assert "unified budgets" in run_error(eval_args(base_dir, docs_root, "--sweep", "--budgets", "0.7", "activation=0.5",
+                                                    config=sol_config_file), capsys)
+
+
 @pytest.mark.parametrize(
     "extra,needle",
     [
