@@ -12,6 +12,7 @@ cost (``last_compute_report.cost``, the bytes the ops counted) and whether the r
     python benchmarks/decode_speed.py --model smollm2 --context 512 --batch 1 --repeats 5
     python benchmarks/decode_speed.py --model llama-1b-shape --dtype bfloat16 --context 512 --new-tokens 16
     python benchmarks/decode_speed.py --model llama-8b-shape --device cuda --dtype bfloat16 --context 8192
+    python benchmarks/decode_speed.py --model smollm2 --lora-rank 16   # a PEFT LoRA model as the base
 
 Models: ``smollm2`` (the embedded real SmolLM2-135M-Instruct, real text prompts) or random-weight
 Llama shapes ``llama-1b-shape`` (Llama-3.2-1B) and ``llama-8b-shape`` (Llama-3.1-8B).
@@ -126,11 +127,19 @@ def main() -> None:
     parser.add_argument("--static-baseline", action="store_true",
                         help="also time transformers' fastest dense decode: generate(cache_implementation='static'), "
                              "which compiles the step with torch.compile (first call compiles: tens of seconds)")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="> 0: wrap the model in a PEFT LoRA adapter of this rank on every linear projection of the "
+                             "decoder (random weights, unmerged); base and SOL both decode the PeftModel")
     parser.add_argument("--output", help="also write the JSON here")
     parser.add_argument("--plot", help="write a PNG of time per token against executed cost here")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     loaded, ids = load(args.model, dtype, args.device, args.context, args.batch)
+    if args.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        loaded = get_peft_model(loaded, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules="all-linear",
+                                                   init_lora_weights=False)).eval()
     # Both variants get a private copy, so their weights live in the same kind of memory (a model
     # fresh from from_pretrained may still read memory-mapped file pages).
     base = copy.deepcopy(loaded)
@@ -185,6 +194,7 @@ def main() -> None:
         "repeats": args.repeats,
         "preset": args.preset,
         "cache": args.cache,
+        "lora_rank": args.lora_rank,
         "lowest_reachable_budget": round(low, 4),
         "prepared_weight_mib": round(wrapped.prepared_weight_bytes / 2**20, 1),
         "base_ms_per_token": round(base_ms, 3),

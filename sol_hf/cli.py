@@ -297,7 +297,9 @@ def cmd_eval(args) -> int:
         sections = args.sections or list(EVAL_SECTIONS)
         texts = read_texts(sections, args.text_root)
         source = {"sections": sections, "text_root": args.text_root}
-    model, tokenizer = load_model(args.base, args.policy, args.device, _read_sol_config(args.sol_config))
+    note = (_UNTRAINED_NOTE if not args.sweep else
+            "sol-hf: no --policy given: the sweep scores the dense model and the non-learned schedules only")
+    model, tokenizer = load_model(args.base, args.policy, args.device, _read_sol_config(args.sol_config), untrained_note=note)
     budgets = args.budgets
     _check_reachable(model, budgets, args.context_length)
     windows = eval_windows(tokenizer, texts, args.context_length, args.steps, args.windows)
