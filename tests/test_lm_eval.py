@@ -194,3 +194,43 @@ def test_budget_0_6_reports_achieved_cost_and_generates_through_sol_generate(smo
     assert gen["requests"] == LIMIT and gen["controlled_steps"] > 0
     assert gen["standalone_cost"] <= 0.6 * 1.02 and gen["cost"] >= gen["standalone_cost"] - 1e-9
     assert math.isfinite(gen["relative_error"]["cost"])
+
+
+def test_policy_artifact_scores_each_request_as_its_policy_episode(tmp_path):
+    """policy=ARTIFACT: the controller defaults to the policy, and a request's log-likelihood is
+    the policy-controlled episode of its window (requests of different lengths in one call). A
+    tiny random Llama with a word-level tokenizer keeps it fast."""
+    from _tiny import tiny_model
+    from lm_eval.api.instance import Instance
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from sol_hf import SolConfig, SolForCausalLM
+    from sol_hf.policy import PolicyController
+
+    context = "the cat saw a mouse run under the sofa , and it"
+    endings = [" crouched low .", " crouched low and waited for the mouse to come out ."]
+    words = sorted(set((context + " ".join(endings)).split()))
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    base_dir, policy_dir = tmp_path / "base", tmp_path / "policy"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>").save_pretrained(base_dir)
+    tiny_model("llama", intermediate_size=512).save_pretrained(base_dir)
+    # a policy small next to the tiny base, so that its own bytes leave budgets below 1.0 reachable
+    config = SolConfig(policy_hidden_size=16, policy_heads=2, action_embedding_size=8, policy_max_steps=64)
+    SolForCausalLM(AutoModelForCausalLM.from_pretrained(base_dir), config).save_pretrained(policy_dir)
+
+    lm = _sol(f"pretrained={base_dir},policy={policy_dir},compute_budget=0.6")
+    assert lm.controller.name == "policy"
+    scores = lm.loglikelihood([Instance("loglikelihood", {}, (context, e), i) for i, e in enumerate(endings)],
+                              disable_tqdm=True)
+    for ending, (score, _) in zip(endings, scores, strict=True):
+        ctx, cont = lm._encode_pair(context, ending)
+        run = run_episodes(lm.sol_model, torch.tensor([ctx + cont]), len(ctx) - 1,
+                           PolicyController(lm.sol_model.policy), parse_compute_budget(0.6, 1))
+        assert score == pytest.approx(float(run.token_log_probs.double().sum()), abs=1e-5)
+    report = lm.compute_report()
+    assert report["controller"] == "policy" and report["policy"] == str(policy_dir)
+    assert report["loglikelihood"]["controlled_steps"] == sum(len(lm._encode_pair(context, e)[1]) for e in endings)
+    assert report["loglikelihood"]["activation_keep"] < 1.0
