@@ -4,6 +4,7 @@
     sol-hf train    --base smollm2 --output-dir outputs/smollm2-policy
     sol-hf generate --base smollm2 --policy outputs/smollm2-policy --prompt "def fib(n):" --budget 0.85
     sol-hf demo
+    sol-hf lm-eval  --model sol --model_args pretrained=BASE,compute_budget=0.6,controller=uniform --tasks TASKS
 
 ``--base smollm2`` (the default) is the embedded SmolLM2-135M-Instruct (``sol_hf.assets``).
 User errors (missing paths, malformed or unreachable budgets) print one line and exit with 2.
@@ -548,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import PYTHON_DOCS_ROOT
 
     parser = _Parser(prog="sol-hf", description="SOL: a learned per-token compute policy for any Hugging Face causal LM")
-    sub = parser.add_subparsers(dest="command", metavar="{eval,train,generate,range,demo}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{eval,train,generate,range,demo,lm-eval}", parser_class=_Parser)
 
     def common(p, policy_help: str):
         p.add_argument("--base", default=DEFAULT_BASE, help="base model folder or Hub id; 'smollm2' = the embedded SmolLM2-135M (default)")
@@ -640,14 +641,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the trained policy, demo.json, demo.md and demo.png (default ./sol-hf-demo)")
     d.add_argument("--output", default=None, help="write the evaluation JSON here instead of OUTPUT_DIR/demo.json")
     d.set_defaults(func=cmd_demo, threads=2)
+    # Only listed here: main() hands everything after "lm-eval" to lm-eval's own parser.
+    sub.add_parser("lm-eval", add_help=False,
+                   help="lm-evaluation-harness with --model sol registered; takes lm-eval's arguments (needs sol-hf[lm-eval])")
     return parser
+
+
+def cmd_lm_eval(argv: Sequence[str]) -> int:
+    """``sol-hf lm-eval ARGS``: lm-eval's command line, with the ``sol`` model registered (plain
+    ``lm_eval`` has no way to find a model defined outside its package)."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise CLIError("sol-hf lm-eval needs lm-evaluation-harness: pip install 'sol-hf[lm-eval]'")
+    from .evaluation.lm_eval import SolModelArgsError, cli_main
+
+    try:
+        return cli_main(argv)
+    except SolModelArgsError as err:
+        raise CLIError(str(err)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point. Returns 0; user errors print one line to stderr and raise ``SystemExit(2)``."""
     try:
+        argv = list(argv) if argv is not None else sys.argv[1:]
+        if argv[:1] == ["lm-eval"]:
+            return cmd_lm_eval(argv[1:])
         parser = build_parser()
-        args = parser.parse_args(list(argv) if argv is not None else None)
+        args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return 0

@@ -31,6 +31,7 @@ class EpisodeBatch:
 
     Attributes:
         token_log_probs: (R, T) log-probability of each true next token under the controlled step.
+        token_is_greedy: (R, T) bool, whether each true next token is the controlled step's argmax.
         dense_token_log_probs: (B, T) the same under the dense base model (only if requested).
         dense_kl: (R, T) ``KL(p_dense || p_controlled)`` of each step's next-token distribution
             (only with ``with_dense``).
@@ -44,6 +45,7 @@ class EpisodeBatch:
     """
 
     token_log_probs: torch.Tensor
+    token_is_greedy: torch.Tensor
     actions: torch.Tensor
     step_cost: torch.Tensor
     attention_keep: torch.Tensor
@@ -111,7 +113,7 @@ def run_episodes(
     session = ControlledStep(model, controller, targets, steps, count_executed=False)
     is_policy = controller.uses_policy
     record: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("lp", "kl", "a", "cost", "ak", "mk", "bits", "h", "e", "f", "prev", "c", "allowed", "blp")
+        k: [] for k in ("lp", "greedy", "kl", "a", "cost", "ak", "mk", "bits", "h", "e", "f", "prev", "c", "allowed", "blp")
     }
     for t in range(steps):
         position = context_length + t
@@ -128,7 +130,9 @@ def run_episodes(
             on_step()
         values = model.space.values(actions)
         log_probs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        record["lp"].append(log_probs.gather(-1, windows[:, position + 1].unsqueeze(-1)).squeeze(-1))
+        true_next = windows[:, position + 1]
+        record["lp"].append(log_probs.gather(-1, true_next.unsqueeze(-1)).squeeze(-1))
+        record["greedy"].append(log_probs.argmax(-1) == true_next)
         if dense_log_probs is not None:  # KL(p_dense || p_controlled) of this step
             reference = dense_log_probs[:, t]
             record["kl"].append((reference.exp() * (reference - log_probs)).sum(-1))
@@ -151,7 +155,7 @@ def run_episodes(
             record["blp"].append(controller.last_log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1))
     stack = lambda key: torch.stack(record[key], dim=1)  # noqa: E731
     result = EpisodeBatch(
-        token_log_probs=stack("lp"), actions=stack("a"), step_cost=stack("cost"), attention_keep=stack("ak"),
+        token_log_probs=stack("lp"), token_is_greedy=stack("greedy"), actions=stack("a"), step_cost=stack("cost"), attention_keep=stack("ak"),
         activation_keep=stack("mk"), bits=stack("bits"), targets=targets, dense_token_log_probs=dense_scores,
         dense_kl=stack("kl") if record["kl"] else None,
     )
