@@ -443,7 +443,10 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         self._check_reachable(targets, input_ids, attention_mask, ctrl)
         device = self.device
         targets = BudgetTargets(targets.values.to(device), targets.is_set.to(device))
-        max_new_tokens = kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or 20
+        max_new_tokens = kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens
+        if max_new_tokens is None:  # transformers' rule: max_length counts the prompt too
+            max_length = kwargs.get("max_length") or self.generation_config.max_length or 20
+            max_new_tokens = max(1, max_length - input_ids.shape[1])
         # The first new token comes from the (dense) prefill: max_new_tokens - 1 controlled steps.
         session = _GenerateSession(ControlledStep(self, ctrl, targets, max_new_tokens - 1, dense_rows=targets.is_dense))
         if attention_mask is not None and not bool(attention_mask[:, 0].all()):  # once, before decoding

@@ -748,3 +748,24 @@ def test_pipeline_and_streamer_carry_the_budget(smollm2_path):
     streamer = Collect(tokenizer)
     model.generate(**ids, streamer=streamer, **kw)
     assert streamer.text.strip() == expected.strip()
+
+
+def test_max_length_plans_the_controlled_steps_like_max_new_tokens(monkeypatch):
+    """transformers' max_length counts the prompt: the policy's progress feature must plan
+    max_length - prompt - 1 controlled steps, as for the equivalent max_new_tokens."""
+    from sol_hf.runtime import step as step_module
+
+    planned = []
+    real = step_module.ControlledStep.__init__
+
+    def spy(self, model, controller, targets, max_steps, *args, **kwargs):
+        planned.append(max_steps)
+        real(self, model, controller, targets, max_steps, *args, **kwargs)
+
+    monkeypatch.setattr(step_module.ControlledStep, "__init__", spy)
+    model = SolForCausalLM(tiny_model("llama"), SMALL)
+    ids = _ids(1, 10)
+    by_length = model.generate(ids, compute_budget=0.9, controller="uniform", max_length=17, do_sample=False)
+    by_new = model.generate(ids, compute_budget=0.9, controller="uniform", max_new_tokens=7, do_sample=False)
+    assert planned == [6, 6] and torch.equal(by_length, by_new)
+    assert model.last_compute_report.controlled_steps == 6

@@ -49,7 +49,7 @@ def test_static_mixture_plays_two_actions_at_the_target_and_one_alone(model):
 def test_best_static_is_the_best_candidate_by_brute_force(model):
     validation = _windows(4, 1)
     budget = 0.7
-    found = search_best_static(model, validation, CONTEXT, [budget])[budget]
+    found = search_best_static(model, validation, CONTEXT, [budget], top_pairs=None)[budget]
     space = model.space
     # every action alone, scored again: the frontier the search used
     singles = [StaticMixtureController(space, a, a) for a in range(space.num_actions)]
@@ -70,6 +70,9 @@ def test_best_static_is_the_best_candidate_by_brute_force(model):
     best = min(math.exp(float(p_nll[i].mean())) for i in ok)
     assert found.validation_ppl == pytest.approx(best, rel=1e-9)
     assert abs(found.validation_cost / budget - 1) <= 0.02
+    # scoring only the pair with the lowest interpolated NLL: one candidate, among those above
+    pruned = search_best_static(model, validation, CONTEXT, [budget], top_pairs=1)[budget]
+    assert pruned.candidates == 1 and (pruned.low, pruned.high) in pairs
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         search_best_static(model, validation, CONTEXT, [1.5])
 

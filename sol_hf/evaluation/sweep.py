@@ -110,15 +110,18 @@ def _run_group(model: SolForCausalLM, windows: torch.Tensor, context_length: int
 
 @torch.no_grad()
 def search_best_static(model: SolForCausalLM, windows: torch.Tensor, context_length: int, budgets: Sequence[float],
-                       *, batch_size: int = 4, max_rows: int = 48, progress: bool = False) -> dict[float, StaticSchedule]:
+                       *, batch_size: int = 4, max_rows: int = 48, top_pairs: int | None = 4,
+                       progress: bool = False) -> dict[float, StaticSchedule]:
     """The best static schedule at each budget, searched on ``windows`` (validation text only).
 
     Stage 1 scores every action alone; the actions on the lower-left frontier of (achieved cost,
     perplexity), and the best action on each side of a budget, are its candidates. Stage 2 scores,
-    at each budget, every candidate pair that
-    brackets it (and a candidate alone whose cost is within 2 % of it) and keeps the lowest
-    perplexity whose achieved cost is within ``BUDGET_TOLERANCE`` of the budget (else the
-    closest in cost). ``max_rows`` caps the rows of one batch (windows x schedules).
+    at each budget, the candidate pairs that bracket it (and a candidate alone whose cost is within
+    2 % of it) and keeps the lowest perplexity whose achieved cost is within ``BUDGET_TOLERANCE``
+    of the budget (else the closest in cost). With ``top_pairs``, only that many pairs are scored
+    for real: those whose NLL, interpolated from the two actions' stage-1 NLLs at the mixing share
+    that meets the budget, is lowest (``None`` scores every pair). ``max_rows`` caps the rows of
+    one batch (windows x schedules).
     Returns ``{budget: StaticSchedule}``.
     """
     budgets = [float(b) for b in budgets]
@@ -151,6 +154,13 @@ def search_best_static(model: SolForCausalLM, windows: torch.Tensor, context_len
         if not pairs:  # below the cheapest or above the dearest action: the nearest one alone
             nearest = min(candidates, key=lambda a: abs(float(mean_cost[a]) - budget))
             pairs = [(nearest, nearest)]
+        if top_pairs is not None and len(pairs) > top_pairs:
+            def interpolated(pair, budget=budget):  # the mixture's NLL if every step scored as its action alone
+                lo, hi = pair
+                share = 0.0 if lo == hi else float((budget - mean_cost[lo]) / (mean_cost[hi] - mean_cost[lo]))
+                return (1 - share) * float(mean_nll[lo]) + share * float(mean_nll[hi])
+
+            pairs = sorted(pairs, key=interpolated)[:top_pairs]
         members = [StaticMixtureController(space, lo, hi) for lo, hi in pairs]
         p_nll, p_cost = _run_group(model, windows, context_length, members, budget, batch_size, max_rows)
         ppl = [perplexity(row) for row in p_nll]
