@@ -9,6 +9,10 @@
 ``--base smollm2`` (the default) is the embedded SmolLM2-135M-Instruct (``sol_hf.assets``).
 User errors (missing paths, malformed or unreachable budgets) print one line and exit with 2.
 Set ``SOL_HF_DEBUG=1`` to get the traceback instead.
+
+``main`` sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment already sets it: waiting OpenMP
+threads then sleep instead of spinning, which on cores that other jobs share made torch runs
+about 3x slower. It takes effect only if torch is not yet imported (as under the ``sol-hf`` command).
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ _HELP_BUDGET = (
     "budget attention=0.5,activation=0.7 (axes left out stay dense; bits=8 where the policy's grid has "
     "activation bits, as the paper preset does)"
 )
+
+
+_HELP_THREADS = (
+    "torch CPU threads (default: torch's choice; demo: 2). sol-hf sets OMP_WAIT_POLICY=PASSIVE unless you set it, so "
+    "waiting OpenMP threads sleep instead of spinning: on cores other jobs share, spinning made runs about 3x slower"
+)
+# Where OpenMP's threads wait: set before torch loads (OpenMP reads it once, at start-up).
+OMP_WAIT_POLICY_DEFAULT = "PASSIVE"
 
 
 class CLIError(Exception):
@@ -419,30 +431,35 @@ def _range(name: str):
     return convert
 
 
-def _train(args, texts, output_dir: str, steps: int, context_length: int, progress: bool) -> tuple[str, float, float]:
+def train_kwargs(args) -> dict[str, Any]:
+    """The keyword arguments ``sol-hf train`` / ``demo`` hand to ``train_policy`` (besides the base,
+    the output folder, the texts and progress)."""
+    return {
+        "steps": args.steps, "seed": args.seed, "context_length": args.context_length, "rollout_steps": args.rollout_steps,
+        "windows_per_step": args.windows_per_step, "num_generations": args.num_generations, "max_windows": args.max_windows,
+        "budget_mode": args.budget_mode, "cost_budget_range": args.cost_budget_range,
+        "budget_guard": None if args.budget_guard < 0 else args.budget_guard, "action_head": args.action_head,
+        "observe_lm_confidence": args.lm_confidence, "learning_rate": args.learning_rate, "entropy_coef": args.entropy_coef,
+        "reward_type": args.reward_type, "reward_gamma": args.reward_gamma, "cost_price": args.cost_price,
+    }
+
+
+def _train(args, texts, output_dir: str, progress: bool) -> tuple[str, float, float]:
     train_policy = _training_api()
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
-        train_policy(
-            resolve_base(args.base), output_dir, texts=texts, budget_mode=args.budget_mode, steps=steps, seed=args.seed,
-            context_length=context_length, rollout_steps=args.rollout_steps, windows_per_step=args.windows_per_step,
-            num_generations=args.num_generations, max_windows=args.max_windows, progress=progress,
-            **({"cost_budget_range": args.cost_budget_range} if args.cost_budget_range else {}),
-            **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
-        )
+        train_policy(resolve_base(args.base), output_dir, texts=texts, progress=progress, **train_kwargs(args))
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(_one_line(err)) from None
     return output_dir, time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def cmd_train(args) -> int:
-    from .data import TRAIN_SECTIONS
-
     if os.path.isfile(args.output_dir):
         raise CLIError(f"--output-dir {args.output_dir} is a file; pass a folder")
     _set_threads(args.threads)
-    texts = read_texts(args.sections or list(TRAIN_SECTIONS), args.text_root)
-    out, wall, cpu = _train(args, texts, args.output_dir, args.steps, args.context_length, not args.no_progress)
+    texts = read_texts(args.sections, args.text_root)
+    out, wall, cpu = _train(args, texts, args.output_dir, not args.no_progress)
     print(f"sol-hf train: {args.steps} updates in {wall:.0f} s wall ({wall / args.steps:.1f} s per update), "
           f"{cpu:.0f} s CPU; policy artifact in {out}")
     return 0
@@ -508,7 +525,7 @@ def cmd_demo(args) -> int:
     print(f"sol-hf demo: training a policy for SmolLM2-135M on {', '.join(TRAIN_SECTIONS)} "
           f"({args.steps} updates of {args.windows_per_step} windows x {args.num_generations} schedules x "
           f"{args.rollout_steps} steps, context {args.context_length}); everything goes to {run_dir}", file=sys.stderr)
-    _, train_wall, _ = _train(args, train_texts, policy_dir, args.steps, args.context_length, not args.no_progress)
+    _, train_wall, _ = _train(args, train_texts, policy_dir, not args.no_progress)
     print(f"sol-hf demo: trained in {train_wall:.0f} s ({train_wall / args.steps:.1f} s per update); evaluating on held-out "
           f"{', '.join(EVAL_SECTIONS)}", file=sys.stderr)
     model, tokenizer = load_model(args.base, policy_dir)
@@ -545,17 +562,27 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _grid_text(grid) -> str:
+    """``attention keep 0.1/0.6/1.0, activation keep (mlp_input) 0.4/0.8/1.0, bits 5/7/16``."""
+    levels = lambda key: "/".join(f"{v:g}" for v in grid[key])  # noqa: E731
+    return (f"attention keep {levels('attention_keep')}, activation keep ({', '.join(grid['sparse_inputs'])}) "
+            f"{levels('activation_keep')}, bits {levels('bits')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import PYTHON_DOCS_ROOT
+    from .recipe import DEMO_TRAINING, RECIPE
 
-    parser = _Parser(prog="sol-hf", description="SOL: a learned per-token compute policy for any Hugging Face causal LM")
+    parser = _Parser(prog="sol-hf", description="SOL: a learned per-token compute policy for any Hugging Face causal LM",
+                     epilog="Threads: --threads N sets torch's CPU threads; sol-hf sets OMP_WAIT_POLICY=PASSIVE unless "
+                            "you set it, so waiting threads do not spin on shared cores.")
     sub = parser.add_subparsers(dest="command", metavar="{eval,train,generate,range,demo,lm-eval}", parser_class=_Parser)
 
     def common(p, policy_help: str):
         p.add_argument("--base", default=DEFAULT_BASE, help="base model folder or Hub id; 'smollm2' = the embedded SmolLM2-135M (default)")
         p.add_argument("--policy", default=None, help=policy_help)
         p.add_argument("--device", default="cpu", help="torch device for the model (default cpu; e.g. cuda)")
-        p.add_argument("--threads", type=_positive_int("--threads"), default=None, help="torch CPU threads")
+        p.add_argument("--threads", type=_positive_int("--threads"), default=None, help=_HELP_THREADS)
         p.add_argument("--sol-config", default=None, help="sol_config.json for the untrained policy used without --policy")
 
     e = sub.add_parser("eval", help="perplexity of controlled tokens: policy vs dense, uniform and random at matched budget")
@@ -607,34 +634,70 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context lengths in tokens, the current one included (default 64 256 1024 4096)")
     r.set_defaults(func=cmd_range)
 
-    def training_options(p, steps: int, context_length: int, max_windows: int | None):
+    def training_options(p, defaults):
+        """The training options; ``defaults`` is ``RECIPE`` (train) or ``DEMO_TRAINING`` (demo)."""
+        d = defaults
         p.add_argument("--base", default=DEFAULT_BASE, help="base model folder or Hub id; 'smollm2' = the embedded SmolLM2-135M")
         p.add_argument("--text-root", default=PYTHON_DOCS_ROOT, help=f"root of the *.rst.txt sections (default {PYTHON_DOCS_ROOT})")
-        p.add_argument("--steps", type=_positive_int("--steps"), default=steps, help=f"policy updates (default {steps})")
-        p.add_argument("--context-length", type=_positive_int("--context-length"), default=context_length,
-                       help=f"dense prefill tokens before the controlled ones (default {context_length})")
-        p.add_argument("--rollout-steps", type=_positive_int("--rollout-steps"), default=16, help="T controlled steps (16)")
-        p.add_argument("--windows-per-step", type=_positive_int("--windows-per-step"), default=4,
-                       help="text windows per policy update (default 4)")
-        p.add_argument("--num-generations", type=_positive_int("--num-generations"), default=8, help="K schedules per window (8)")
-        p.add_argument("--budget-mode", choices=("per_axis", "cost", "mixed"), default="mixed",
-                       help="budgets sampled for training: per-axis targets, unified cost, or either per window (default mixed)")
-        p.add_argument("--cost-budget-range", type=_range("--cost-budget-range"), default=None, help="LOW,HIGH unified cost")
-        p.add_argument("--learning-rate", type=float, default=None, help="policy learning rate (default 5e-4, train_policy's; the paper used 1e-4)")
-        p.add_argument("--max-windows", type=_positive_int("--max-windows"), default=max_windows,
-                       help=f"cap on training windows (default {'all' if max_windows is None else max_windows})")
-        p.add_argument("--seed", type=int, default=0, help="seed of budgets, schedules and the policy's initialisation (default 0)")
-        p.add_argument("--threads", type=_positive_int("--threads"), default=None, help="torch CPU threads")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--steps", type=_positive_int("--steps"), default=d["steps"], help=f"policy updates (default {d['steps']})")
+        p.add_argument("--context-length", type=_positive_int("--context-length"), default=d["context_length"],
+                       help=f"dense prefill tokens before the controlled ones (default {d['context_length']})")
+        p.add_argument("--rollout-steps", type=_positive_int("--rollout-steps"), default=d["rollout_steps"],
+                       help=f"T controlled steps per window (default {d['rollout_steps']})")
+        p.add_argument("--windows-per-step", type=_positive_int("--windows-per-step"), default=d["windows_per_step"],
+                       help=f"text windows per policy update (default {d['windows_per_step']})")
+        p.add_argument("--num-generations", type=_positive_int("--num-generations"), default=d["num_generations"],
+                       help=f"K schedules per window (default {d['num_generations']})")
+        p.add_argument("--budget-mode", choices=("per_axis", "cost", "mixed"), default=d["budget_mode"],
+                       help="budgets sampled for training: per-axis targets, unified cost, or either per window "
+                            f"(default {d['budget_mode']})")
+        p.add_argument("--cost-budget-range", type=_range("--cost-budget-range"), default=d["cost_budget_range"],
+                       help="LOW,HIGH unified cost targets (default: from the cheapest reachable cost to 1.0)")
+        p.add_argument("--budget-guard", type=float, default=d["budget_guard"],
+                       help=f"slack of the guard that keeps sampled schedules near their target; negative = off "
+                            f"(default {d['budget_guard']})")
+        p.add_argument("--action-head", choices=("factorized", "joint"), default=d["action_head"],
+                       help=f"one softmax per axis, or the paper's one over the whole grid (default {d['action_head']})")
+        p.add_argument("--lm-confidence", action=argparse.BooleanOptionalAction, default=d["observe_lm_confidence"],
+                       help="the policy also reads the base model's confidence in the current token "
+                            f"(default {'on' if d['observe_lm_confidence'] else 'off'})")
+        p.add_argument("--learning-rate", type=_non_negative_float("--learning-rate"), default=d["learning_rate"],
+                       help=f"policy learning rate (default {d['learning_rate']:g}; the paper used 1e-4)")
+        p.add_argument("--entropy-coef", type=_non_negative_float("--entropy-coef"), default=d["entropy_coef"],
+                       help=f"entropy bonus (default {d['entropy_coef']:g}; the paper used 0.05)")
+        p.add_argument("--reward-type", choices=("loglik", "neg_kl"), default=d["reward_type"],
+                       help=f"per-step reward: log p of the true token, or minus the KL to dense (default {d['reward_type']})")
+        p.add_argument("--reward-gamma", type=_number_arg("--reward-gamma", float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+                       default=d["reward_gamma"], help=f"discount of the reward-to-go (default {d['reward_gamma']:g}, the authors')")
+        p.add_argument("--cost-price", type=_non_negative_float("--cost-price"), default=d["cost_price"],
+                       help=f"per-step price on the step's cost fraction (default {d['cost_price']:g}: the authors' reward)")
+        p.add_argument("--max-windows", type=_positive_int("--max-windows"), default=d["max_windows"],
+                       help=f"cap on training windows (default {'all' if d['max_windows'] is None else d['max_windows']})")
+        p.add_argument("--seed", type=int, default=d["seed"],
+                       help=f"seed of budgets, schedules and the policy's initialisation (default {d['seed']})")
+        p.add_argument("--threads", type=_positive_int("--threads"), default=None, help=_HELP_THREADS)
+        p.add_argument("--no-progress", action="store_true", help="no progress lines")
 
-    t = sub.add_parser("train", help="train a policy with GRPO on teacher-forced counterfactual schedules")
-    training_options(t, steps=119, context_length=256, max_windows=None)
+    t = sub.add_parser("train", help="train a policy with GRPO on teacher-forced counterfactual schedules; the "
+                       "defaults are the recipe of the documented result (sol_hf.recipe.RECIPE, docs/results.md)",
+                       description="Train a policy. Every default is the recipe of the documented result "
+                                   f"(docs/results.md, sol_hf.recipe.RECIPE): the grid {_grid_text(RECIPE['grid'])} and "
+                                   "the values below.")
+    training_options(t, RECIPE)
     t.add_argument("--output-dir", required=True, help="where the policy artifact is written")
-    t.add_argument("--sections", type=_sections, default=None, help="training sections (default: library,howto,whatsnew)")
+    t.add_argument("--sections", type=_sections, default=list(RECIPE["sections"]),
+                   help=f"comma-separated training sections (default: {','.join(RECIPE['sections'])})")
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("demo", help="train briefly on SmolLM2, then compare dense / uniform / random / policy at two budgets")
-    training_options(d, steps=20, context_length=128, max_windows=400)
+    smaller = (f"{DEMO_TRAINING['steps']} updates at context {DEMO_TRAINING['context_length']} on at most "
+               f"{DEMO_TRAINING['max_windows']} windows with {DEMO_TRAINING['budget_mode']} budgets, against the documented "
+               f"recipe's {RECIPE['steps']} at {RECIPE['context_length']} with {RECIPE['budget_mode']} budgets (sol-hf train's "
+               "defaults)")
+    d = sub.add_parser("demo", help="train briefly on SmolLM2, then compare dense / uniform / random / policy at two "
+                       f"budgets; a short demo, smaller than the documented recipe: {smaller}",
+                       description=f"A short demo, smaller than the documented recipe: it trains {smaller}; then it "
+                                   "compares dense / uniform / random / policy schedules at two budgets on held-out text.")
+    training_options(d, DEMO_TRAINING)
     d.add_argument("--eval-windows", type=_positive_int("--eval-windows"), default=16, help="held-out windows scored (default 16)")
     d.add_argument("--random-seeds", type=_positive_int("--random-seeds"), default=8, help="random schedules per budget (default 8)")
     d.add_argument("--output-dir", default="sol-hf-demo",
@@ -663,7 +726,10 @@ def cmd_lm_eval(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point. Returns 0; user errors print one line to stderr and raise ``SystemExit(2)``."""
+    """Entry point. Returns 0; user errors print one line to stderr and raise ``SystemExit(2)``.
+
+    Sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (before any command imports torch)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY_DEFAULT)
     try:
         argv = list(argv) if argv is not None else sys.argv[1:]
         if argv[:1] == ["lm-eval"]:

@@ -243,6 +243,30 @@ def test_help_does_not_import_torch():
         sol_hf.Nope  # noqa: B018
 
 
+@pytest.mark.parametrize("given, spin_count", [(None, "0"), ("ACTIVE", "30000000000")])
+def test_sol_hf_makes_openmp_threads_wait_passively_unless_told_otherwise(base_dir, sol_config_file, given, spin_count):
+    """``main`` sets OMP_WAIT_POLICY=PASSIVE before a command imports torch, so the OpenMP runtime
+    torch loads does not spin (libgomp reports its spin count with OMP_DISPLAY_ENV=VERBOSE: 0 for
+    PASSIVE, 300000 when unset); a value the user set is kept."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update(OMP_DISPLAY_ENV="VERBOSE", **({"OMP_WAIT_POLICY": given} if given else {}))
+    code = ("import os, sys\n"
+            "assert 'torch' not in sys.modules\n"
+            "from sol_hf.cli import main\n"
+            f"main(['range', '--base', {str(base_dir)!r}, '--sol-config', {str(sol_config_file)!r}, '--context-lengths', '64'])\n"
+            "print('POLICY', os.environ['OMP_WAIT_POLICY'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"POLICY {given or 'PASSIVE'}" in done.stdout
+    assert "| 64 |" in done.stdout  # the command ran (and imported torch after main set the policy)
+    if "GOMP_SPINCOUNT" not in done.stderr:
+        pytest.skip("torch's OpenMP runtime is not libgomp: its wait settings cannot be read back")
+    assert f"GOMP_SPINCOUNT = '{spin_count}'" in done.stderr, done.stderr[-2000:]
+
+
 def test_the_embedded_model_cache_follows_the_hf_conventions(monkeypatch, tmp_path):
     from sol_hf.assets import default_model_cache
 

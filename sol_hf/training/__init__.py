@@ -2,7 +2,7 @@
 
 from .config import BUDGET_MODES, SolGRPOConfig
 from .rewards import budget_penalty, discounted_returns, episode_means, group_advantages, priced_rewards, step_rewards
-from .run import DEFAULT_GRID, split_texts, train_policy, windows_dataset
+from .run import DEFAULT_GRID, RECIPE, split_texts, train_policy, windows_dataset
 from .trainer import SolGRPOTrainer, SolPolicyTrainingModel, sample_budget_targets, sol_episode_reward
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "SolPolicyTrainingModel",
     "BUDGET_MODES",
     "DEFAULT_GRID",
+    "RECIPE",
     "train_policy",
     "windows_dataset",
     "split_texts",

@@ -11,14 +11,14 @@ from typing import Any
 import torch
 from transformers import PrinterCallback
 
+from ..recipe import RECIPE
 from .progress import UpdateLines
 
-__all__ = ["windows_dataset", "split_texts", "train_policy", "DEFAULT_GRID"]
+__all__ = ["windows_dataset", "split_texts", "train_policy", "DEFAULT_GRID", "RECIPE"]
 
-# The CPU-scaled grid of the documented reference run (3 x 3 x 3, the paper's axes: the activation
-# axis prunes the MLP input only, bits fake-quantize the MLP output).
-DEFAULT_GRID = {"attention_keep": (0.1, 0.6, 1.0), "activation_keep": (0.4, 0.8, 1.0), "bits": (5, 7, 16),
-                "sparse_inputs": ("mlp_input",)}
+# The CPU-scaled grid of the documented reference run (``RECIPE["grid"]``: 3 x 3 x 3, the paper's
+# axes: the activation axis prunes the MLP input only, bits fake-quantize the MLP output).
+DEFAULT_GRID = dict(RECIPE["grid"])
 
 
 def windows_dataset(windows: torch.Tensor):
@@ -42,27 +42,31 @@ def train_policy(
     base: str | None = None,
     output_dir: str = "outputs/sol-policy",
     *,
-    sections: Sequence[str] | None = None,
+    sections: Sequence[str] | None = RECIPE["sections"],
     text_root: str | None = None,
     texts: Sequence[str] | None = None,
     grid: dict[str, Sequence[float]] | None = None,
-    budget_mode: str = "cost",
-    cost_budget_range: tuple[float, float] | None = None,
+    budget_mode: str = RECIPE["budget_mode"],
+    cost_budget_range: tuple[float, float] | None = RECIPE["cost_budget_range"],
     attention_budget_range: tuple[float, float] = (0.1, 1.0),
     activation_budget_range: tuple[float, float] = (0.4, 1.0),
     bits_budget_range: tuple[float, float] = (5.0, 16.0),
-    budget_guard: float | None = 0.25,
-    action_head: str = "factorized",
-    learning_rate: float = 5e-4,
-    entropy_coef: float = 0.01,
-    steps: int = 130,
-    seed: int = 0,
-    context_length: int = 256,
-    rollout_steps: int = 16,
-    windows_per_step: int = 4,
-    num_generations: int = 8,
-    max_windows: int | None = None,
-    validation_every: int = 10,
+    budget_guard: float | None = RECIPE["budget_guard"],
+    action_head: str = RECIPE["action_head"],
+    observe_lm_confidence: bool = RECIPE["observe_lm_confidence"],
+    learning_rate: float = RECIPE["learning_rate"],
+    entropy_coef: float = RECIPE["entropy_coef"],
+    reward_type: str = RECIPE["reward_type"],
+    reward_gamma: float = RECIPE["reward_gamma"],
+    cost_price: float = RECIPE["cost_price"],
+    steps: int = RECIPE["steps"],
+    seed: int = RECIPE["seed"],
+    context_length: int = RECIPE["context_length"],
+    rollout_steps: int = RECIPE["rollout_steps"],
+    windows_per_step: int = RECIPE["windows_per_step"],
+    num_generations: int = RECIPE["num_generations"],
+    max_windows: int | None = RECIPE["max_windows"],
+    validation_every: int = RECIPE["validation_every"],
     run_dir: str | None = None,
     sol_config_overrides: dict[str, Any] | None = None,
     progress: bool = True,
@@ -71,22 +75,30 @@ def train_policy(
 ) -> str:
     """Train a SOL policy for ``base`` on text windows and write the policy artifact.
 
+    Every default is :data:`sol_hf.recipe.RECIPE`, the recipe of the documented result
+    (docs/results.md): ``train_policy()`` with no arguments trains that policy.
+
     Args:
         base: local path or Hub id of the base causal LM (``None``: the embedded SmolLM2-135M).
         output_dir: where the policy artifact (and nothing else) is written.
         run_dir: checkpoints (with ``save_steps`` in ``config_overrides``), the training log and
             the validation windows (default: ``output_dir + "-run"``).
-        sections / text_root: Python-documentation sections to train on (default: ``TRAIN_SECTIONS``)
+        sections / text_root: Python-documentation sections to train on (default: ``TRAIN_SECTIONS``,
+            library / howto / whatsnew)
             under ``text_root`` (default: Debian's python3.11-doc); ignored when ``texts`` is given.
         grid: ``{"attention_keep": [...], "activation_keep": [...], "bits": [...]}`` (default: the
-            3x3x3 grid of the issue's reference run).
+            3x3x3 grid of the issue's reference run, ``RECIPE["grid"]``).
         budget_mode, *_budget_range, budget_guard: see :class:`SolGRPOConfig`. The defaults are the
             recipe our validation favoured on SmolLM2 (not the paper's): unified-cost budgets
             (bits cost almost nothing under the byte cost model, so per-axis bit targets only
             force quality losses), guard slack 0.25 (the evaluator's default).
         action_head: ``"factorized"`` (one softmax per axis: learns axis preferences in few
             updates) or ``"joint"`` (the paper's single softmax over the grid).
+        observe_lm_confidence: the policy also reads the base model's confidence
+            (:class:`SolConfig` field; ``sol_config_overrides`` wins if it names it too).
         learning_rate, entropy_coef: AdamW lr (paper: 1e-4) and entropy bonus (paper: 0.05).
+        reward_type, reward_gamma, cost_price: the per-step reward (see :class:`SolGRPOConfig`;
+            the recipe is the authors': log-likelihood, discount 0.85, no cost price).
         steps: policy updates (``max_steps``).
         context_length, rollout_steps: window layout (dense prefill, controlled steps).
         windows_per_step, num_generations: B windows x K schedules per update and process.
@@ -95,7 +107,7 @@ def train_policy(
             ``run_dir/validation_windows.safetensors`` for tuning; never the evaluation sections).
         sol_config_overrides: extra :class:`SolConfig` fields (page size, policy size, ...).
         callbacks: ``transformers.TrainerCallback`` instances handed to the trainer.
-        **config_overrides: extra :class:`SolGRPOConfig` fields (learning_rate, reward_gamma, ...).
+        **config_overrides: extra :class:`SolGRPOConfig` fields (temperature, save_steps, ...).
     Returns:
         ``output_dir``.
     """
@@ -104,7 +116,7 @@ def train_policy(
 
     from ..assets import smollm2_path
     from ..config import SolConfig
-    from ..data import PYTHON_DOCS_ROOT, TRAIN_SECTIONS, python_docs_texts, text_windows
+    from ..data import PYTHON_DOCS_ROOT, python_docs_texts, text_windows
     from ..modeling import SolForCausalLM
     from .config import SolGRPOConfig
     from .trainer import SolGRPOTrainer
@@ -116,11 +128,12 @@ def train_policy(
     tokenizer = AutoTokenizer.from_pretrained(base)
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     grid = dict(DEFAULT_GRID, **(grid or {}))
-    sol_config = SolConfig(**grid, **{"action_head": action_head, **(sol_config_overrides or {})})
+    sol_config = SolConfig(**grid, **{"action_head": action_head, "observe_lm_confidence": observe_lm_confidence,
+                                      **(sol_config_overrides or {})})
     model = SolForCausalLM(base_model, sol_config)
 
     if texts is None:
-        texts = python_docs_texts(tuple(sections or TRAIN_SECTIONS), text_root or PYTHON_DOCS_ROOT)
+        texts = python_docs_texts(tuple(sections or RECIPE["sections"]), text_root or PYTHON_DOCS_ROOT)
     train_texts, validation_texts = split_texts(list(texts), validation_every)
     window_length = context_length + rollout_steps + 1
     train_windows = text_windows(train_texts, tokenizer, window_length, max_windows=max_windows)
@@ -149,6 +162,9 @@ def train_policy(
         budget_guard=budget_guard,
         learning_rate=learning_rate,
         entropy_coef=entropy_coef,
+        reward_type=reward_type,
+        reward_gamma=reward_gamma,
+        cost_price=cost_price,
         disable_tqdm=True,  # progress: one readable line per update (UpdateLines), not a bar plus raw dicts
         **config_overrides,
     )
