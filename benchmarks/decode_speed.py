@@ -7,7 +7,8 @@ run is timed (the gap between two emitted tokens) and the median over all of the
                 a ladder from 1.0 down to the lowest reachable budget at this context length
 The prefill (and the first new token it yields) is excluded. For each budget it prints the ratio time(b) / time(base), the achieved executed
 cost (``last_compute_report.cost``, the bytes the ops counted) and whether the ratio is within
-1.15x of the cost. Prints JSON; ``--output`` also writes it, ``--plot`` a PNG (needs matplotlib).
+1.15x of the cost. Prints JSON; ``--output`` also writes it, ``--plot`` a PNG of the time ratio
+against the executed cost (``sol_hf.evaluation.plot_speed``; needs matplotlib, the ``plots`` extra).
 
     python benchmarks/decode_speed.py --model smollm2 --context 512 --batch 1 --repeats 5
     python benchmarks/decode_speed.py --model llama-1b-shape --dtype bfloat16 --context 512 --new-tokens 16
@@ -26,6 +27,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -131,8 +133,19 @@ def main() -> None:
                         help="> 0: wrap the model in a PEFT LoRA adapter of this rank on every linear projection of the "
                              "decoder (random weights, unmerged); base and SOL both decode the PeftModel")
     parser.add_argument("--output", help="also write the JSON here")
-    parser.add_argument("--plot", help="write a PNG of time per token against executed cost here")
+    parser.add_argument("--plot", metavar="PNG",
+                        help="write a PNG of time per token relative to the base model against the executed cost, "
+                             "one line per configuration (needs matplotlib: pip install 'sol-hf[plots]')")
     args = parser.parse_args()
+    if args.plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:  # say so before the benchmark runs
+            parser.error("--plot needs matplotlib: pip install 'sol-hf[plots]' (or pip install matplotlib); "
+                         "or drop --plot and draw the --output JSON later with sol_hf.evaluation.plot_speed")
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder):
+            parser.error(f"--plot {args.plot}: folder {folder} does not exist")
     dtype = getattr(torch, args.dtype)
     loaded, ids = load(args.model, dtype, args.device, args.context, args.batch)
     if args.lora_rank > 0:
@@ -210,22 +223,10 @@ def main() -> None:
         with open(args.output, "w") as f:
             f.write(text + "\n")
     if args.plot:
-        import matplotlib
+        from sol_hf.evaluation import plot_speed
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.plot([r["cost"] for r in rows], [r["ms_per_token"] for r in rows], "o-", label=f"sol_hf ({args.device})")
-        ax.axhline(base_ms, color="gray", ls="--", label="base generate")
-        ax.plot([0, 1], [0, base_ms * 1.15], color="red", lw=0.8, ls=":", label="1.15 x cost x base")
-        ax.set_xlabel("executed cost (bytes read / dense bytes)")
-        ax.set_ylabel("ms per token")
-        ax.set_title(f"{args.model} {args.dtype}, ctx {args.context}, batch {args.batch}")
-        ax.set_xlim(min(r["cost"] for r in rows) - 0.05, 1.02)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        plot_speed(result, args.plot, title=f"{args.model} {args.dtype}, ctx {args.context}, batch {args.batch}")
+        print(f"plot: {args.plot}", file=sys.stderr)
 
 
 if __name__ == "__main__":
