@@ -12,7 +12,7 @@ Set ``SOL_HF_DEBUG=1`` to get the traceback instead.
 
 ``main`` sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment already sets it: waiting OpenMP
 threads then sleep instead of spinning, which on cores that other jobs share made torch runs
-about 3x slower. It takes effect only if torch is not yet imported (as under the ``sol-hf`` command).
+3-9x slower (docs/benchmarks.md). It takes effect only if torch is not yet imported (as under the ``sol-hf`` command).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ _HELP_BUDGET = (
 
 _HELP_THREADS = (
     "torch CPU threads (default: torch's choice; demo: 2). sol-hf sets OMP_WAIT_POLICY=PASSIVE unless you set it, so "
-    "waiting OpenMP threads sleep instead of spinning: on cores other jobs share, spinning made runs about 3x slower"
+    "waiting OpenMP threads sleep instead of spinning: on cores other jobs share, spinning made runs 3-9x slower"
 )
 # Where OpenMP's threads wait: set before torch loads (OpenMP reads it once, at start-up).
 OMP_WAIT_POLICY_DEFAULT = "PASSIVE"
