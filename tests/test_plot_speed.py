@@ -57,6 +57,11 @@ def test_one_document_is_one_line():
     fig = plot_speed(SMOLLM2)
     configurations = [line for line in fig.axes[0].get_lines() if line.get_marker() == "o"]
     assert len(configurations) == 1 and fig.axes[0].get_title() == "Decode time against executed cost"
+    # a PEFT LoRA base (decode_speed.py --lora-rank) is a configuration of its own
+    lora = plot_speed([SMOLLM2, {**SMOLLM2, "lora_rank": 16}])
+    labels = [line.get_label() for line in lora.axes[0].get_lines() if line.get_marker() == "o"]
+    assert labels == ["smollm2 float32, ctx 512, batch 1, default preset, cpu",
+                      "smollm2 float32, ctx 512, batch 1, default preset, cpu, LoRA rank 16"]
 
 
 @pytest.mark.parametrize("bad", [[], {"model": "x"}, {"budgets": []}, {"budgets": [{"cost": 0.8}]}])

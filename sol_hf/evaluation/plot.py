@@ -90,9 +90,11 @@ SPEED_YLABEL = "decode time per token / base model's"
 
 
 def speed_label(data: dict[str, Any]) -> str:
-    """``smollm2 float32, ctx 512, batch 1, default preset, cpu``: what a decode-speed run measured."""
+    """``smollm2 float32, ctx 512, batch 1, default preset, cpu`` (``, LoRA rank 16`` for a PEFT base):
+    what a decode-speed run measured."""
+    lora = f", LoRA rank {data['lora_rank']}" if data.get("lora_rank") else ""
     return (f"{data.get('model', '?')} {data.get('dtype', '?')}, ctx {data.get('context', '?')}, batch {data.get('batch', '?')}, "
-            f"{data.get('preset', '?')} preset, {data.get('device', '?')}")
+            f"{data.get('preset', '?')} preset, {data.get('device', '?')}{lora}")
 
 
 def plot_speed(data: dict[str, Any] | list[dict[str, Any]], path: str | None = None, title: str | None = None):
