@@ -134,10 +134,14 @@ def search_best_static(model: SolForCausalLM, windows: torch.Tensor, context_len
     singles = [StaticMixtureController(space, a, a) for a in actions]
     nll, cost = _run_group(model, windows, context_length, singles, 1.0, batch_size, max_rows)
     mean_nll, mean_cost = nll.mean(-1), cost.mean(-1)
+    # Actions that score identically (attention levels that run dense at this length, say) are one
+    # schedule: keep the densest of them (the highest index), so no pair is scored twice.
+    same = lambda a, o: abs(float(mean_cost[a] - mean_cost[o])) <= 1e-9 and abs(float(mean_nll[a] - mean_nll[o])) <= 1e-12  # noqa: E731
+    actions = [a for a in actions if not any(o > a and same(a, o) for o in actions)]
     frontier = [a for a in actions
                 if not any(mean_cost[o] <= mean_cost[a] + 1e-9 and mean_nll[o] < mean_nll[a] - 1e-12 for o in actions)]
     if progress:
-        print(f"best static: {len(frontier)} of {len(actions)} actions on the cost-perplexity frontier "
+        print(f"best static: {len(frontier)} of {len(actions)} distinct actions on the cost-perplexity frontier "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
     out: dict[float, StaticSchedule] = {}
     for budget in budgets:
