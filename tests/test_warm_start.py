@@ -188,3 +188,50 @@ def test_bad_inputs_are_refused(model):
     with pytest.raises(ValueError, match="updates"):
         warm_start_policy(model, windows, CONTEXT, {0.8: pair}, updates=0)
 
+
+def test_train_policy_warm_starts_before_grpo(tmp_path):
+    pytest.importorskip("trl")
+    import json
+
+    from safetensors.torch import load_file
+
+    from sol_hf.training import train_policy
+    from test_training import tiny_tokenizer
+
+    base_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    rng = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (200,), generator=rng)) for _ in range(10)]
+    common = dict(texts=texts, steps=1, context_length=CONTEXT, rollout_steps=STEPS, windows_per_step=2, num_generations=2,
+                  grid={"attention_keep": (0.5, 1.0), "activation_keep": (0.5, 1.0), "bits": (8, 16)},
+                  sol_config_overrides={"page_size": 4, "sink_tokens": 4, "recent_tokens": 4, "policy_hidden_size": 16,
+                                        "policy_heads": 2}, progress=False, dataloader_pin_memory=False)
+    train_policy(str(base_dir), str(tmp_path / "plain"), **common)
+    train_policy(str(base_dir), str(tmp_path / "warm"), warm_start_updates=2, warm_start_budgets=[0.9],
+                 warm_start_search_windows=4, **common)
+    log = json.loads((tmp_path / "warm-run" / "training_log.json").read_text())
+    assert "warm_start" not in json.loads((tmp_path / "plain-run" / "training_log.json").read_text())
+    warm = log["warm_start"]
+    assert len(warm["updates"]) == 2 and warm["budgets"] == [0.9] and list(warm["best_static"]) == ["0.9"]
+    assert all(math.isfinite(u["loss"]) for u in warm["updates"])
+    plain = load_file(str(tmp_path / "plain" / "policy.safetensors"))
+    warmed = load_file(str(tmp_path / "warm" / "policy.safetensors"))
+    assert any(not torch.equal(plain[k], warmed[k]) for k in plain)  # same seed: only the warm start differs
+    with pytest.raises(ValueError, match="per_axis|unified cost"):
+        train_policy(str(base_dir), str(tmp_path / "x"), warm_start_updates=1, **{**common, "budget_mode": "per_axis"})
+
+
+def test_sol_hf_train_passes_warm_start_updates(monkeypatch, tmp_path):
+    import sol_hf.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "_training_api", lambda: lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(cli, "read_texts", lambda sections, root: ["w3 w4"])
+    argv = ["train", "--output-dir", str(tmp_path / "out"), "--no-progress", "--threads", "1"]
+    assert cli.main([*argv, "--warm-start-updates", "3"]) == 0
+    assert cli.main(argv) == 0
+    assert calls[0]["warm_start_updates"] == 3
+    assert "warm_start_updates" not in calls[1]  # off by default: the recipe's training, unchanged
+    with pytest.raises(cli.CLIError, match="warm-start-updates"):
+        cli.build_parser().parse_args([*argv, "--warm-start-updates", "-1"])
