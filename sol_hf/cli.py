@@ -444,11 +444,11 @@ def train_kwargs(args) -> dict[str, Any]:
     }
 
 
-def _train(args, texts, output_dir: str, progress: bool) -> tuple[str, float, float]:
+def _train(args, texts, output_dir: str, progress: bool, **extra: Any) -> tuple[str, float, float]:
     train_policy = _training_api()
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
-        train_policy(resolve_base(args.base), output_dir, texts=texts, progress=progress, **train_kwargs(args))
+        train_policy(resolve_base(args.base), output_dir, texts=texts, progress=progress, **train_kwargs(args), **extra)
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(_one_line(err)) from None
     return output_dir, time.perf_counter() - started, time.process_time() - cpu_started
@@ -459,7 +459,8 @@ def cmd_train(args) -> int:
         raise CLIError(f"--output-dir {args.output_dir} is a file; pass a folder")
     _set_threads(args.threads)
     texts = read_texts(args.sections, args.text_root)
-    out, wall, cpu = _train(args, texts, args.output_dir, not args.no_progress)
+    extra = {"warm_start_updates": args.warm_start_updates} if args.warm_start_updates else {}
+    out, wall, cpu = _train(args, texts, args.output_dir, not args.no_progress, **extra)
     print(f"sol-hf train: {args.steps} updates in {wall:.0f} s wall ({wall / args.steps:.1f} s per update), "
           f"{cpu:.0f} s CPU; policy artifact in {out}")
     return 0
@@ -687,6 +688,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", required=True, help="where the policy artifact is written")
     t.add_argument("--sections", type=_sections, default=list(RECIPE["sections"]),
                    help=f"comma-separated training sections (default: {','.join(RECIPE['sections'])})")
+    t.add_argument("--warm-start-updates", default=0,
+                   type=_number_arg("--warm-start-updates", int, lambda v: v >= 0, "an integer >= 0"),
+                   help="supervised updates before GRPO: the policy imitates the hindsight placement of the best "
+                        "static mixture (sol_hf.training.warm_start; default 0: none, as the recipe)")
     t.set_defaults(func=cmd_train)
 
     smaller = (f"{DEMO_TRAINING['steps']} updates at context {DEMO_TRAINING['context_length']} on at most "

@@ -4,6 +4,7 @@ from .config import BUDGET_MODES, SolGRPOConfig
 from .rewards import budget_penalty, discounted_returns, episode_means, group_advantages, priced_rewards, step_rewards
 from .run import DEFAULT_GRID, RECIPE, split_texts, train_policy, windows_dataset
 from .trainer import SolGRPOTrainer, SolPolicyTrainingModel, sample_budget_targets, sol_episode_reward
+from .warm_start import warm_start_policy
 
 __all__ = [
     "SolGRPOConfig",
@@ -13,6 +14,7 @@ __all__ = [
     "DEFAULT_GRID",
     "RECIPE",
     "train_policy",
+    "warm_start_policy",
     "windows_dataset",
     "split_texts",
     "sample_budget_targets",

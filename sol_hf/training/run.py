@@ -71,6 +71,9 @@ def train_policy(
     sol_config_overrides: dict[str, Any] | None = None,
     progress: bool = True,
     callbacks: Sequence[Any] | None = None,
+    warm_start_updates: int = 0,
+    warm_start_budgets: Sequence[float] | None = None,
+    warm_start_search_windows: int = 16,
     **config_overrides: Any,
 ) -> str:
     """Train a SOL policy for ``base`` on text windows and write the policy artifact.
@@ -107,6 +110,14 @@ def train_policy(
             ``run_dir/validation_windows.safetensors`` for tuning; never the evaluation sections).
         sol_config_overrides: extra :class:`SolConfig` fields (page size, policy size, ...).
         callbacks: ``transformers.TrainerCallback`` instances handed to the trainer.
+        warm_start_updates: supervised updates before GRPO (0, the recipe: none): the policy learns
+            to imitate the oracle placement of the best static mixture
+            (:func:`sol_hf.training.warm_start.warm_start_policy`, ``windows_per_step`` windows
+            per update, the same learning rate). The best static pairs are searched first
+            (:func:`sol_hf.evaluation.search_best_static`) on ``warm_start_search_windows``
+            training windows (never the validation ones) at ``warm_start_budgets`` (default: the
+            midpoints of five equal bins of the training cost range). Unified-cost or mixed
+            budgets only. Its log is ``"warm_start"`` in ``training_log.json``.
         **config_overrides: extra :class:`SolGRPOConfig` fields (temperature, save_steps, ...).
     Returns:
         ``output_dir``.
@@ -123,6 +134,10 @@ def train_policy(
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if warm_start_updates < 0:
+        raise ValueError(f"warm_start_updates must be >= 0, got {warm_start_updates}")
+    if warm_start_updates and budget_mode == "per_axis":
+        raise ValueError("the warm start imitates best static mixtures at unified cost budgets: use budget_mode 'cost' or 'mixed'")
     base = base or smollm2_path()
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -145,6 +160,10 @@ def train_policy(
             save_file({"windows": validation.contiguous()}, os.path.join(run_dir, "validation_windows.safetensors"))
         except ValueError:
             pass  # no validation document is long enough for a window
+    warm_log = None
+    if warm_start_updates:
+        warm_log = _warm_start(model, train_windows, context_length, cost_budget_range, warm_start_budgets,
+                               warm_start_search_windows, warm_start_updates, windows_per_step, learning_rate, seed, progress)
 
     args = SolGRPOConfig(
         output_dir=os.path.join(run_dir, "checkpoints"),
@@ -183,7 +202,33 @@ def train_policy(
         with open(os.path.join(run_dir, "training_log.json"), "w", encoding="utf-8") as f:
             json.dump(
                 {"train_windows": int(train_windows.shape[0]), "steps": steps, "wall_s": elapsed,
-                 "log_history": trainer.state.log_history},
+                 "log_history": trainer.state.log_history, **({"warm_start": warm_log} if warm_log else {})},
                 f, indent=1,
             )
     return output_dir
+
+
+def default_warm_start_budgets(model, context_length: int, cost_budget_range: tuple[float, float] | None,
+                               count: int = 5) -> list[float]:
+    """The midpoints of ``count`` equal bins of the training cost range (``cost_budget_range``, or
+    the policy's ``SolConfig.budget_range``), its low end raised to the cheapest cost reachable
+    with the policy at ``context_length + 1`` tokens."""
+    low, high = cost_budget_range or model.sol_config.budget_range
+    low = min(max(low, model.cost_model.cheapest_cost(context_length + 1, with_policy=True)), high)
+    return [round(low + (high - low) * (i + 0.5) / count, 4) for i in range(count)]
+
+
+def _warm_start(model, train_windows: torch.Tensor, context_length: int, cost_budget_range, budgets, search_windows: int,
+                updates: int, batch_size: int, learning_rate: float, seed: int, progress: bool) -> dict[str, Any]:
+    """Search the best static pairs on training windows, then :func:`warm_start_policy`; returns its log
+    with the pairs."""
+    from ..data import evenly_spaced
+    from ..evaluation.sweep import search_best_static
+    from .warm_start import warm_start_policy
+
+    budgets = list(budgets) if budgets is not None else default_warm_start_budgets(model, context_length, cost_budget_range)
+    best = search_best_static(model, evenly_spaced(train_windows, search_windows), context_length, budgets, progress=progress)
+    log = warm_start_policy(model, train_windows, context_length, best, updates=updates, batch_size=batch_size,
+                            learning_rate=learning_rate, seed=seed, progress=progress)
+    log["best_static"] = {str(b): s.to_dict(model.space) for b, s in best.items()}
+    return log
