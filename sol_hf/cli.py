@@ -18,6 +18,7 @@ threads then sleep instead of spinning, which on cores that other jobs share mad
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -349,24 +350,42 @@ def _sweep(args, model, tokenizer, budgets, windows, source):
     """``sol-hf eval --sweep``: the best static schedule searched on validation windows (training-side
     text, never the evaluated text), then every schedule at every budget on the held-out windows."""
     from .data import TRAIN_SECTIONS
-    from .evaluation import evaluate_sweep, search_best_static
+    from .evaluation.sweep import best_static_from, evaluate_sweep, search_best_static
 
     if any(isinstance(b, dict) for b in budgets):
         raise CLIError("--sweep takes unified budgets (floats): each schedule runs at the target cost itself")
     if len(budgets) < 2:
         raise CLIError("--sweep draws a curve: give at least two --budgets (e.g. --budgets 0.5 0.6 0.7 0.8 0.9)")
-    validation_texts = read_texts(list(TRAIN_SECTIONS), args.text_root)
-    validation = eval_windows(tokenizer, validation_texts, args.context_length, args.steps, args.validation_windows)
     progress = not args.no_progress
-    if progress:
-        print(f"searching the best static schedule on {validation.shape[0]} validation windows "
-              f"({', '.join(TRAIN_SECTIONS)}) ...", flush=True)
-    static = search_best_static(model, validation, args.context_length, budgets, batch_size=args.batch_size, progress=progress)
-    return evaluate_sweep(
-        model, windows, args.context_length, static, policy=args.policy is not None, random_seeds=args.random_seeds,
-        batch_size=args.batch_size, budget_guard=None if args.budget_guard < 0 else args.budget_guard, seed=args.seed,
-        progress=progress, metadata={"base": args.base, "policy": args.policy, "validation_sections": list(TRAIN_SECTIONS), **source},
-    )
+    earlier = None
+    if args.baselines_from:
+        if args.policy is None:
+            raise CLIError("--baselines-from reuses an earlier sweep's non-learned rows to score a policy: give --policy")
+        try:
+            with open(args.baselines_from, encoding="utf-8") as f:
+                earlier = json.load(f)
+            static = best_static_from(earlier)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CLIError(f"--baselines-from {args.baselines_from}: not a sweep document ({_one_line(err)})") from None
+        if sorted(static) != sorted(budgets):
+            raise CLIError(f"--baselines-from {args.baselines_from} has budgets {sorted(static)}; pass the same --budgets")
+    else:
+        validation_texts = read_texts(list(TRAIN_SECTIONS), args.text_root)
+        validation = eval_windows(tokenizer, validation_texts, args.context_length, args.steps, args.validation_windows)
+        if progress:
+            print(f"searching the best static schedule on {validation.shape[0]} validation windows "
+                  f"({', '.join(TRAIN_SECTIONS)}) ...", flush=True)
+        static = search_best_static(model, validation, args.context_length, budgets, batch_size=args.batch_size,
+                                    progress=progress)
+    try:
+        return evaluate_sweep(
+            model, windows, args.context_length, static, policy=args.policy is not None, baselines=earlier,
+            random_seeds=args.random_seeds, batch_size=args.batch_size,
+            budget_guard=None if args.budget_guard < 0 else args.budget_guard, seed=args.seed, progress=progress, metadata={"base": args.base, "policy": args.policy, "validation_sections": list(TRAIN_SECTIONS),
+                                         "baselines_from": args.baselines_from, **source},
+        )
+    except ValueError as err:
+        raise CLIError(_one_line(err)) from None
 
 
 def cmd_generate(args) -> int:
@@ -611,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "text, surprise rule, random, the policy and its shuffled actions) instead of matching to the policy")
     e.add_argument("--validation-windows", type=_positive_int("--validation-windows"), default=24,
                    help="--sweep: training-side windows the best static schedule is searched on (default 24)")
+    e.add_argument("--baselines-from", default=None, metavar="JSON",
+                   help="--sweep --policy: reuse the best static schedules and non-learned rows of this earlier sweep "
+                        "(same windows, budgets and steps; checked) and run only the policy")
     e.add_argument("--seed", type=int, default=0, help="first random-schedule seed and bootstrap seed")
     e.add_argument("--output", default=None, help="write the results JSON here")
     e.add_argument("--markdown", default=None, help="write the Markdown table here")

@@ -110,3 +110,26 @@ def test_sweep_scores_every_schedule_at_its_target(model, with_policy, tmp_path)
     labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
     assert "best static (searched on validation)" in labels and ("policy" in labels) == with_policy
     assert figure.axes[0].get_xlabel().startswith("achieved cost")
+
+
+def test_a_policy_is_scored_against_an_earlier_baseline_sweep(model):
+    """baselines= reuses the non-learned rows of a policy-free sweep on the same windows and runs only
+    the policy: same numbers as a full sweep for every schedule, and other windows are refused."""
+    from sol_hf.evaluation.sweep import best_static_from
+
+    validation, held_out = _windows(4, 2), _windows(4, 3)
+    static = search_best_static(model, validation, CONTEXT, [0.6, 0.8])
+    earlier = evaluate_sweep(model, held_out, CONTEXT, static, policy=False, random_seeds=2, resamples=200).data
+    assert best_static_from(earlier) == static
+    full = evaluate_sweep(model, held_out, CONTEXT, static, policy=True, random_seeds=2, resamples=200).data
+    reused = evaluate_sweep(model, held_out, CONTEXT, best_static_from(earlier), baselines=earlier, resamples=200).data
+    for a, b in zip(full["budgets"], reused["budgets"]):
+        assert set(a["schedules"]) == set(b["schedules"])
+        for name in a["schedules"]:
+            assert b["schedules"][name]["ppl"] == pytest.approx(a["schedules"][name]["ppl"], rel=1e-9), name
+        assert b["comparisons"]["policy_vs_best_static"]["ppl_difference"] == pytest.approx(
+            a["comparisons"]["policy_vs_best_static"]["ppl_difference"], rel=1e-9)
+    with pytest.raises(ValueError, match="other windows"):
+        evaluate_sweep(model, _windows(4, 9), CONTEXT, static, baselines=earlier, resamples=200)
+    with pytest.raises(ValueError, match="budgets"):
+        evaluate_sweep(model, held_out, CONTEXT, {0.6: static[0.6]}, baselines=earlier, resamples=200)

@@ -34,7 +34,8 @@ from ..policy import Controller, DecisionContext, PolicyController, RandomContro
 from .perplexity import BUDGET_TOLERANCE, EvaluationResult, GroupedController
 from .stats import bootstrap_indices, gap_closed, paired_comparison, perplexity, perplexity_interval
 
-__all__ = ["StaticMixtureController", "StaticSchedule", "search_best_static", "evaluate_sweep", "sweep_markdown"]
+__all__ = ["StaticMixtureController", "StaticSchedule", "search_best_static", "evaluate_sweep", "sweep_markdown",
+           "best_static_from"]
 
 _COST = torch.tensor([True, False, False, False])
 
@@ -198,6 +199,7 @@ def evaluate_sweep(
     best_static: dict[float, StaticSchedule],
     *,
     policy: bool = True,
+    baselines: dict[str, Any] | None = None,
     random_seeds: int = 3,
     batch_size: int = 4,
     budget_guard: float | None = 0.25,
@@ -209,8 +211,12 @@ def evaluate_sweep(
 ) -> EvaluationResult:
     """Every schedule at every budget of ``best_static`` on held-out ``windows`` (see the module
     docstring). ``policy=False`` leaves out the policy and its shuffled schedule (an untrained
-    model). Returns an :class:`EvaluationResult` whose ``data["budgets"]`` holds, per budget, a row
-    per schedule (perplexity, interval, achieved cost, adherence) and paired comparisons."""
+    model). ``baselines``: a sweep document of the same windows and budgets (an earlier
+    ``evaluate_sweep(..., policy=False)``); its non-learned rows are reused instead of run again
+    (checked: the dense model's per-window NLL must match), so a new policy is scored against a
+    fixed baseline sweep in the time of its own runs. Returns an :class:`EvaluationResult` whose
+    ``data["budgets"]`` holds, per budget, a row per schedule (perplexity, interval, achieved cost,
+    adherence) and paired comparisons."""
     if windows.dim() != 2:
         raise ValueError(f"windows must be (W, L) token ids, got shape {tuple(windows.shape)}")
     steps = windows.shape[1] - context_length - 1
@@ -218,6 +224,14 @@ def evaluate_sweep(
         raise ValueError(f"windows of {windows.shape[1]} tokens leave no controlled step after a {context_length}-token context")
     if not best_static:
         raise ValueError("best_static is empty: run search_best_static on validation windows first")
+    if baselines is not None:
+        if not policy:
+            raise ValueError("baselines= reuses the non-learned rows of an earlier sweep: it needs policy=True")
+        earlier = sorted(entry["budget"] for entry in baselines.get("budgets", []))
+        if baselines.get("kind") != "sweep" or earlier != sorted(best_static):
+            raise ValueError(f"baselines must be a sweep document with budgets {sorted(best_static)}, got {earlier}")
+        if baselines["protocol"]["windows"] != windows.shape[0] or baselines["protocol"]["controlled_steps"] != steps:
+            raise ValueError("baselines were measured on a different number of windows or controlled steps")
     space = model.space
     budgets = sorted(best_static)
     was_training = model.policy.training
@@ -238,6 +252,10 @@ def evaluate_sweep(
             for i, budget in enumerate(budgets):
                 static = best_static[budget]
                 targets = parse_compute_budget(budget, rows)
+                if baselines is not None:
+                    _run_policy(model, chunk, context_length, targets, budget_guard, add, budget, dense_nll if i == 0 else None,
+                                seed * 7919 + b * 31 + i)
+                    continue
                 members: list[Controller] = [
                     UniformController(space),
                     StaticMixtureController(space, static.low, static.high),
@@ -253,13 +271,8 @@ def evaluate_sweep(
                 if i == 0 and not policy:
                     dense_nll.append(-run.dense_token_log_probs.double().mean(-1).cpu())
                 if policy:
-                    controller = PolicyController(model.policy, budget_guard=budget_guard)
-                    pol = run_episodes(model, chunk, context_length, controller, targets, with_dense=(i == 0))
-                    add(budget, "policy", pol)
-                    if i == 0:
-                        dense_nll.append(-pol.dense_token_log_probs.double().mean(-1).cpu())
-                    shuffled = ScheduleController(space, _shuffled(pol.actions, seed * 7919 + b * 31 + i))
-                    add(budget, "policy_shuffled", run_episodes(model, chunk, context_length, shuffled, targets))
+                    _run_policy(model, chunk, context_length, targets, budget_guard, add, budget, dense_nll if i == 0 else None,
+                                seed * 7919 + b * 31 + i)
             if progress:
                 done = min(b + batch_size, windows.shape[0])
                 print(f"sweep: {done}/{windows.shape[0]} windows ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -268,12 +281,15 @@ def evaluate_sweep(
 
     indices = bootstrap_indices(windows.shape[0], resamples, seed)
     dense = torch.cat(dense_nll)
+    if baselines is not None:
+        _reuse_baselines(baselines, dense, collected)
     dense_row = {"schedule": "dense", "ppl": perplexity(dense), "ppl_ci": list(perplexity_interval(dense, indices, level)),
                  "cost": 1.0, "window_nll": [float(v) for v in dense]}
     entries = []
     for budget in budgets:
-        nll = {name: torch.cat([n for n, _ in parts]) for name, parts in collected[budget].items()}
-        cost = {name: torch.cat([c for _, c in parts]) for name, parts in collected[budget].items()}
+        parts_of = {name: parts for name, parts in collected[budget].items() if not name.startswith("_")}
+        nll = {name: torch.cat([n for n, _ in parts]) for name, parts in parts_of.items()}
+        cost = {name: torch.cat([c for _, c in parts]) for name, parts in parts_of.items()}
         randoms = [n for n in nll if n.startswith("random_seed")]
         nll["random"] = torch.stack([nll[n] for n in randoms]).mean(0)  # the seeds' mean NLL per window
         cost["random"] = torch.stack([cost[n] for n in randoms]).mean(0)
@@ -289,6 +305,8 @@ def evaluate_sweep(
                 "window_nll": [float(v) for v in nll[name]],
             }
         rows_out["best_static"]["actions"] = best_static[budget].to_dict(space)
+        if "_best_static_actions" in collected[budget]:
+            rows_out["best_static"]["actions"] = collected[budget]["_best_static_actions"]
         pairs = [("best_static", "uniform"), ("surprise", "best_static"), ("best_static", "random")]
         if policy:
             pairs = [("policy", "best_static"), ("policy", "uniform"), ("policy", "policy_shuffled")] + pairs
@@ -318,6 +336,48 @@ def evaluate_sweep(
     if metadata:
         data["metadata"] = metadata
     return EvaluationResult(data)
+
+
+def best_static_from(data: dict[str, Any]) -> dict[float, StaticSchedule]:
+    """The best static schedules an earlier sweep document used, by budget."""
+    out = {}
+    for entry in data["budgets"]:
+        a = entry["schedules"]["best_static"]["actions"]
+        out[entry["budget"]] = StaticSchedule(a["low"], a["high"], a["validation_ppl"], a["validation_cost"], a["candidates"])
+    return out
+
+
+def _run_policy(model, chunk, context_length, targets, budget_guard, add, budget, dense_nll, shuffle_seed) -> None:
+    """The policy's run and its shuffled replay on one batch of windows (and the dense NLL, where
+    ``dense_nll`` is a list to append to)."""
+    controller = PolicyController(model.policy, budget_guard=budget_guard)
+    run = run_episodes(model, chunk, context_length, controller, targets, with_dense=dense_nll is not None)
+    add(budget, "policy", run)
+    if dense_nll is not None:
+        dense_nll.append(-run.dense_token_log_probs.double().mean(-1).cpu())
+    shuffled = ScheduleController(model.space, _shuffled(run.actions, shuffle_seed))
+    add(budget, "policy_shuffled", run_episodes(model, chunk, context_length, shuffled, targets))
+
+
+def _reuse_baselines(baselines: dict[str, Any], dense: torch.Tensor, collected: dict) -> None:
+    """Put the non-learned rows of an earlier sweep into ``collected`` (per-window NLL, and each
+    row's mean cost for every window), after checking it scored the same windows."""
+    earlier_dense = torch.tensor(baselines["dense"]["window_nll"], dtype=torch.float64)
+    if earlier_dense.shape != dense.shape or not torch.allclose(earlier_dense, dense, rtol=0, atol=1e-4):
+        raise ValueError("baselines were measured on other windows: the dense model's per-window NLL differs")
+    for entry in baselines["budgets"]:
+        for name, row in entry["schedules"].items():
+            if name in ("policy", "policy_shuffled"):
+                continue
+            window_nll = torch.tensor(row["window_nll"], dtype=torch.float64)
+            cost = torch.full_like(window_nll, row["cost"])  # per-window costs are not stored: the mean stands in
+            part = [(window_nll, cost)]
+            if name == "random":
+                collected[entry["budget"]]["random_seed_earlier"] = part
+            else:
+                collected[entry["budget"]][name] = part
+                if name == "best_static":
+                    collected[entry["budget"]]["_best_static_actions"] = row["actions"]
 
 
 def sweep_markdown(data: dict[str, Any]) -> str:
