@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from sol_hf import SolConfig, SolForCausalLM
+from sol_hf.config import PRESETS
 
 SHAPES = {
     "llama-1b-shape": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -122,7 +123,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budgets", type=float, nargs="*", help="default: 1.0 down to the lowest reachable in 5 steps")
-    parser.add_argument("--preset", default="default", choices=["default", "paper"], help="SolConfig.from_preset(...)")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="SolConfig.from_preset(...)")
     parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static"],
                         help="the KV cache both base and SOL decode with: transformers' DynamicCache (grows by torch.cat, "
                              "copying every layer's K/V each step) or StaticCache (written in place; not compiled here)")

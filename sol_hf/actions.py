@@ -104,17 +104,30 @@ class SiteBytes:
     total: float
     widths: tuple[int, ...]
     row_bytes: tuple[float, ...]
+    int8_row_bytes: tuple[float, ...] = ()
 
-    def executed_bytes(self, keep: float, read_factor: float = 1.0) -> float:
+    def executed_bytes(self, keep: float, read_factor: float = 1.0, bits: int = 16) -> float:
         """Bytes the executing ops read for one row at ``keep`` (host-side, once per level): the
         kept rows of each layer's transposed weight where the sparse op is faster than the dense
-        projection (:func:`sparse_linear_pays`), else the whole projection (biases included)."""
+        projection (:func:`sparse_linear_pays`), else the whole projection (biases included).
+        At ``bits`` 8 with int8 copies (``int8_row_bytes``, per layer) the kept rows of the int8
+        copy, always (the int8 op is the only path that computes with the int8 weights)."""
         total = self.total
-        for width, row in zip(self.widths, self.row_bytes):
+        for layer, (width, row) in enumerate(zip(self.widths, self.row_bytes)):
             count = kept_count(keep, width)
-            if sparse_linear_pays(count, width, read_factor):
+            if bits < 16 and self.int8_row_bytes:
+                total -= width * row - count * self.int8_row_bytes[layer]
+            elif sparse_linear_pays(count, width, read_factor):
                 total -= (width - count) * row
         return total
+
+    def nominal_bytes(self, keep: float, bits: int = 16) -> float:
+        """What an ideal kernel reads at ``keep``: the keep fraction of every row of the weights (of
+        the int8 copy at ``bits`` 8 where there is one), biases in full."""
+        rows = sum(w * r for w, r in zip(self.widths, self.row_bytes))
+        if bits < 16 and self.int8_row_bytes:
+            return self.total - rows + keep * sum(w * r for w, r in zip(self.widths, self.int8_row_bytes))
+        return self.total - rows + keep * rows
 
 
 @dataclass(frozen=True)
@@ -238,7 +251,8 @@ class CostModel:
         self.attention_overhead_bytes = attention_overhead_bytes if attention_overhead_bytes is not None else {}
         self._sparse_from: dict[tuple[str, float], float] = {}
         self.sparse_linear_read_factor = sparse_linear_read_factor if sparse_linear_read_factor is not None else {}
-        self._nominal_levels = tuple(k * step_bytes.sparse_total for k in space.activation_keep)
+        self._nominal_levels = [[sum(site.nominal_bytes(k, b) for site in step_bytes.sites) for b in space.bits]
+                                for k in space.activation_keep]
         self._sparse_executed: dict[tuple[torch.device, float], torch.Tensor] = {}
         self._device_tables: dict[torch.device, dict[str, torch.Tensor]] = {}
 
@@ -255,13 +269,14 @@ class CostModel:
         return self._device_tables[device]
 
     def sparse_executed_bytes(self, device: torch.device, backend: str | None = None) -> torch.Tensor:
-        """(levels,) float64 on ``device``: bytes of the pruned sites' weights one row reads at each
-        activation keep level, as executed on ``backend`` (default ``device``'s type; see
-        :meth:`SiteBytes.executed_bytes`)."""
+        """(activation levels, bits levels) float64 on ``device``: bytes of the pruned sites' weights
+        one row reads at each activation keep level and bit-width, as executed on ``backend``
+        (default ``device``'s type; see :meth:`SiteBytes.executed_bytes`)."""
         device = torch.device(device)
         factor = read_factor(self.sparse_linear_read_factor, backend or device.type, self.bytes.weight_dtype)
         if (device, factor) not in self._sparse_executed:
-            levels = [sum(site.executed_bytes(k, factor) for site in self.bytes.sites) for k in self.space.activation_keep]
+            levels = [[sum(site.executed_bytes(k, factor, b) for site in self.bytes.sites) for b in self.space.bits]
+                      for k in self.space.activation_keep]
             self._sparse_executed[(device, factor)] = torch.tensor(levels, dtype=torch.float64, device=device)
         return self._sparse_executed[(device, factor)]
 
@@ -331,7 +346,7 @@ class CostModel:
         length = context_length.unsqueeze(-1)  # (..., 1)
         kv_bytes = self._kv_bytes(t["attention_keep"], length.expand(*context_length.shape, self.space.num_actions), executed, backend)
         levels = self.sparse_executed_bytes(context_length.device, backend) if executed else self._tables(context_length.device)["activation_nominal"]
-        weights = levels[t["activation_index"]]
+        weights = levels[t["activation_index"], t["bits_index"]]
         total = self.bytes.fixed + weights + kv_bytes + (self.bytes.policy if with_policy else 0.0)
         return (total / self.dense_bytes(length)).to(torch.float32)
 

@@ -31,8 +31,8 @@ __all__ = ["main", "CLIError", "parse_budget"]
 DEFAULT_BASE = "smollm2"
 _HELP_BUDGET = (
     "a unified cost fraction in (0, 1] (bytes read per decode step / dense bytes), e.g. 0.85, or a per-axis "
-    "budget attention=0.5,activation=0.7 (axes left out stay dense; bits=8 where the policy's grid has "
-    "activation bits, as the paper preset does)"
+    "budget attention=0.5,activation=0.7 (axes left out stay dense; bits=8 where the grid has 8 bits, as the "
+    "paper and int8-weights presets do)"
 )
 
 
@@ -167,12 +167,14 @@ def resolve_base(base: str) -> str:
 
 
 def _read_sol_config(path: str | None):
-    from .config import SolConfig
+    from .config import PRESETS, SolConfig
 
     if path is None:
         return None
+    if path in PRESETS and not os.path.isfile(path):
+        return SolConfig.from_preset(path)
     if not os.path.isfile(path):
-        raise CLIError(f"--sol-config {path} does not exist")
+        raise CLIError(f"--sol-config {path} does not exist (pass a sol_config.json or a preset: {', '.join(sorted(PRESETS))})")
     try:
         return SolConfig.from_json_file(path)
     except (OSError, ValueError, TypeError) as err:
@@ -603,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--policy", default=None, help=policy_help)
         p.add_argument("--device", default="cpu", help="torch device for the model (default cpu; e.g. cuda)")
         p.add_argument("--threads", type=_positive_int("--threads"), default=None, help=_HELP_THREADS)
-        p.add_argument("--sol-config", default=None, help="sol_config.json for the untrained policy used without --policy")
+        p.add_argument("--sol-config", default=None, help="sol_config.json, or a preset name (default, paper, int8-weights), for the untrained policy used "
+                       "without --policy")
 
     e = sub.add_parser("eval", help="perplexity of controlled tokens: policy vs dense, uniform and random at matched budget")
     common(e, "policy artifact folder (default: an untrained policy)")

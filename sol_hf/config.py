@@ -11,13 +11,17 @@ from typing import Any
 
 # 2: the second axis became ``activation_keep`` over the projections named in ``sparse_inputs``
 #    (1 had ``mlp_keep`` over the MLP input, plus ``prune_intermediate``); 1 files still load.
-FORMAT_VERSION = 3
+# 3: PEFT adapter fields. 4: ``quantize`` (what the bits axis quantizes); files of 3 and below
+#    quantize activations, as read.
+FORMAT_VERSION = 4
 CONFIG_NAME = "sol_config.json"
 
 # The projections whose input activation the activation axis prunes (TEAL-style top-|x| per token).
 SPARSE_INPUT_SITES = ("attention_input", "attention_output", "mlp_input", "mlp_output")
 
 SELECTION_CRITERIA = ("quest", "recency")
+QUANTIZE_TARGETS = ("activations", "weights")
+WEIGHT_BITS = (8, 16)  # weight-only copies the executing ops read (int8), and the original weights
 ACTION_HEADS = ("joint", "factorized")
 KV_REFRESH_MODES = ("none",)
 
@@ -52,8 +56,15 @@ class SolConfig:
             ``"attention_input"`` (q/k/v, which share their input), ``"attention_output"`` (the
             output projection of attention), ``"mlp_input"`` (gate/up), ``"mlp_output"`` (down).
             Each site costs a transposed copy of its weights in memory (``nn.Linear`` layouts).
-        bits: activation bit-widths for the MLP output (16 = no quantization). A paper-parity
-            option: fake quantization reads no fewer bytes, so it never lowers the cost.
+        bits: bit-widths of the precision axis (16 = full precision); what they quantize is
+            ``quantize``.
+        quantize: ``"activations"``: the MLP output's activations are fake-quantized to ``bits``
+            (the paper's axis, for parity runs: it reads no fewer bytes, so it never lowers the
+            cost); ``"weights"``: at 8 bits the projections of ``sparse_inputs`` read a
+            weight-only int8 copy (per input channel and group of up to 512 output columns) instead of
+            their weights, a quarter of fp32's bytes or half of bf16's, combined with the
+            activation axis's kept channels. Opt-in: the copies cost memory (about a quarter of
+            the sites' fp32 weights; ``model.prepared_weight_bytes``). Levels must be (8, 16).
         selection: how attention picks KV pages: ``"quest"`` (query-aware page key bounds) or
             ``"recency"`` (the most recent pages).
         page_size: tokens per KV page.
@@ -86,6 +97,7 @@ class SolConfig:
     activation_keep: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
     sparse_inputs: tuple[str, ...] = SPARSE_INPUT_SITES
     bits: tuple[int, ...] = (16,)
+    quantize: str = "activations"
     selection: str = "quest"
     page_size: int = 16
     sink_tokens: int = 4
@@ -132,6 +144,13 @@ class SolConfig:
         if any(b < 2 or b > 16 for b in bits) or not bits or bits[-1] != 16:
             raise ValueError(f"SolConfig.bits must be integers in [2, 16] including 16 (no quantization), got {self.bits}")
         self.bits = bits
+        if self.quantize not in QUANTIZE_TARGETS:
+            raise ValueError(f"SolConfig.quantize must be one of {QUANTIZE_TARGETS}, got {self.quantize!r}")
+        if self.quantize == "weights" and not set(bits) <= set(WEIGHT_BITS):
+            raise ValueError(
+                f"SolConfig.quantize='weights' reads int8 weight copies: bits must be levels of {WEIGHT_BITS}, got "
+                f"{self.bits} (4-bit weights are not supported)"
+            )
         if self.selection not in SELECTION_CRITERIA:
             raise ValueError(f"SolConfig.selection must be one of {SELECTION_CRITERIA}, got {self.selection!r}")
         if not isinstance(self.observe_lm_confidence, bool):
@@ -170,9 +189,10 @@ class SolConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "SolConfig":
-        """A named configuration: ``"default"`` (``SolConfig()``) or ``"paper"`` (the paper's axes:
+        """A named configuration: ``"default"`` (``SolConfig()``), ``"paper"`` (the paper's axes:
         KV pages, MLP-input sparsity at 0.4..1.0 and 8-bit MLP-output fake quantization, the
-        action grid of sol_hf's format 1). ``overrides`` replace fields."""
+        action grid of sol_hf's format 1) or ``"int8-weights"`` (the default plus an 8-bit
+        weight-only level on the precision axis; costs memory). ``overrides`` replace fields."""
         if name not in PRESETS:
             raise ValueError(f"unknown SolConfig preset {name!r}; presets: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -227,6 +247,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sparse_inputs": ("mlp_input",),
         "bits": (8, 16),
     },
+    "int8-weights": {"bits": (8, 16), "quantize": "weights"},
 }
 
 
@@ -251,4 +272,4 @@ def replace(config: SolConfig, **changes: Any) -> SolConfig:
     return dataclasses.replace(config, **changes)
 
 
-__all__ = ["SolConfig", "CONFIG_NAME", "FORMAT_VERSION", "PRESETS", "SPARSE_INPUT_SITES", "replace"]
+__all__ = ["SolConfig", "CONFIG_NAME", "FORMAT_VERSION", "PRESETS", "QUANTIZE_TARGETS", "SPARSE_INPUT_SITES", "replace"]

@@ -460,6 +460,8 @@ def model_card(
         base_line += (f" with the PEFT LoRA adapter {named} applied (unmerged; adapter weights sha256 "
                       f"`{adapter['sha256']}`); it refuses to load on another adapter")
     levels = lambda values: ", ".join(f"{v:g}" for v in values)  # noqa: E731
+    bits_axis = ("weight bits (int8 copies of the same projections' weights)" if config.quantize == "weights"
+                 else "activation bits (MLP output, fake-quantized; saves no bytes)")
 
     unnamed_adapter = adapter is not None and not config.adapter_name_or_path
     if base and not unnamed_adapter:
@@ -509,7 +511,7 @@ def model_card(
 
 A `sol_hf` policy: a small network ({num_policy_parameters:,} parameters) that, at every
 decode step, reads the base model's hidden state and picks how much compute the step spends (KV pages read,
-MLP channels kept, activation bits). The base model's weights are unchanged and are **not** in this
+input channels kept, bit-width). The base model's weights are unchanged and are **not** in this
 repository; the policy belongs to {base_line} and refuses to load on a model with another architecture
 fingerprint.
 
@@ -521,7 +523,7 @@ fingerprint.
 |---|---|
 | attention keep (fraction of KV tokens read, selection `{config.selection}`, pages of {config.page_size} tokens) | {levels(config.attention_keep)} |
 | activation keep (fraction of input channels, top-\\|x\\|, of: {", ".join(config.sparse_inputs)}) | {levels(config.activation_keep)} |
-| activation bits (MLP output) | {levels(config.bits)} |
+| {bits_axis} | {levels(config.bits)} |
 
 The first {config.sink_tokens} and last {config.recent_tokens} tokens of each row are always read.
 

@@ -310,12 +310,15 @@ class UniformController(Controller):
     """Spends the same compute on every token: the static schedule of the paper.
 
     A float budget walks a ladder of actions that reduce attention and activation keep together
-    (both axes at the grid level nearest above a common fraction, 16 bits), and alternates the
-    two ladder actions around the target so the running mean cost lands on it. Where a denser
-    action costs no more at the row's context length on this backend (attention sparsity that
-    would not save bytes at short contexts; an activation keep whose sparse op is slower than the dense
-    projection), the densest such action stands in for the rung. Per-axis budgets do the same on
-    each axis with its own levels.
+    (both axes at the grid level nearest above a common fraction, at the grid's lowest bit-width),
+    below the dense action, and alternates the two ladder actions around the target so the running
+    mean cost lands on it. Where a denser action costs no more at the row's context length on this
+    backend (attention sparsity that would not save bytes at short contexts; an activation keep
+    whose sparse op is slower than the dense projection; activation bits, which save no bytes),
+    the densest such action stands in for the rung. So with int8 weight copies
+    (``quantize="weights"``) every step below dense reads int8 weights, and with the paper's
+    activation bits the ladder stays at 16 bits. Per-axis budgets do the same on each axis with
+    its own levels.
     """
 
     name = "uniform"
@@ -323,23 +326,23 @@ class UniformController(Controller):
     def __init__(self, space: ActionSpace):
         super().__init__(space)
         fractions = sorted(set(space.attention_keep) | set(space.activation_keep))
-        ladder = set()
+        ladder = {space.dense_index}
         for s in fractions:
             a = min(v for v in space.attention_keep if v >= s - 1e-9)
             m = min(v for v in space.activation_keep if v >= s - 1e-9)
-            ladder.add(space.index_of(a, m, 16))
+            ladder.add(space.index_of(a, m, min(space.bits)))
         self.ladder = sorted(ladder)
-        # Each rung's denser stand-ins: the 16-bit actions that keep at least as much on both axes.
-        # Where one of them costs no more on this backend at the row's context length (attention
-        # sparsity that would not save bytes at short contexts; an activation keep whose sparse op would
-        # be slower than the dense projection), the densest such action is played instead.
+        # Each rung's denser stand-ins: the actions that keep at least as much on every axis. Where
+        # one of them costs no more on this backend at the row's context length, the densest such
+        # action is played instead.
         self.stand_ins = []
         for rung in self.ladder:
-            ia, im, _ = space.axis_indices_host(rung)
+            ia, im, ib = space.axis_indices_host(rung)
             denser = [
-                space.index_of(a, m, 16) for a in space.attention_keep[ia:] for m in space.activation_keep[im:]
+                space.index_of(a, m, b)
+                for a in space.attention_keep[ia:] for m in space.activation_keep[im:] for b in space.bits[ib:]
             ]
-            self.stand_ins.append(sorted(denser, key=lambda i: -sum(space.axis_indices_host(i)[:2])))
+            self.stand_ins.append(sorted(denser, key=lambda i: -sum(space.axis_indices_host(i))))
         self._on_device: dict[torch.device, tuple] = {}
 
     def _pick(self, values: torch.Tensor, requirement: torch.Tensor) -> torch.Tensor:

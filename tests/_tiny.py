@@ -85,6 +85,17 @@ def tiny_pair(model_type: str = "llama", seed: int = 0, **overrides):
     return model, copy.deepcopy(model)
 
 
+def left_padded_batch(length: int, steps: int, num_actions: int, seed: int = 5, action_seed: int = 2):
+    """Three rows of ``length`` tokens, rows 1 and 2 left-padded by 6 and 11, and random per-row
+    actions for the last ``steps`` positions: (ids (3, length), mask (3, length), actions (3, steps))."""
+    ids = torch.randint(3, VOCAB, (3, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    mask[2, :11] = 0
+    actions = torch.randint(0, num_actions, (3, steps), generator=torch.Generator().manual_seed(action_seed))
+    return ids, mask, actions
+
+
 def decode_and_teacher_forced_logits(model, ids, mask, actions, context: int):
     """Logits of the positions after ``context`` under per-row ``actions`` (B, steps), twice: decoded
     one step at a time (the executed ops) and in one teacher-forced call (the masked reference).

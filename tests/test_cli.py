@@ -360,3 +360,14 @@ def test_eval_plot_without_matplotlib_says_how_to_get_it(base_dir, docs_root, so
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     err = run_error(eval_args(base_dir, docs_root, "--plot", str(tmp_path / "r.png"), config=sol_config_file), capsys)
     assert "pip install 'sol-hf[plots]'" in err
+
+
+def test_sol_config_takes_a_preset_name(base_dir, capsys):
+    from sol_hf import SolConfig, SolForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    assert main(["range", "--base", str(base_dir), "--sol-config", "int8-weights", "--context-lengths", "64"]) == 0
+    out = capsys.readouterr().out
+    model = SolForCausalLM(AutoModelForCausalLM.from_pretrained(base_dir), SolConfig.from_preset("int8-weights"))
+    assert f"| 64 | {model.budget_range(64, 'uniform')[0]:.3f} |" in out
+    assert "a preset: default, int8-weights, paper" in run_error(["range", "--base", str(base_dir), "--sol-config", "int4"], capsys)

@@ -207,7 +207,7 @@ def test_folder_holds_exactly_three_files_and_no_pickle(base_dirs, tmp_path):
     assert SolConfig.from_dict(saved).to_dict() == model.sol_config.to_dict()
     assert saved["base_fingerprint"] == base_fingerprint(model.base_model)
     assert saved["base_fingerprint"]["num_key_value_heads"] == 2 and saved["base_fingerprint"]["intermediate_size"] == 1024
-    assert saved["sol_hf_version"] and saved["format_version"] == FORMAT_VERSION == 3
+    assert saved["sol_hf_version"] and saved["format_version"] == FORMAT_VERSION == 4
     assert saved["base_model_name_or_path"] == base_dirs["llama"]
 
     card = ModelCard.load(tmp_path / "README.md")

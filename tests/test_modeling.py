@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from _tiny import FAMILIES, VOCAB, decode_and_teacher_forced_logits, tiny_model, tiny_pair
+from _tiny import FAMILIES, VOCAB, decode_and_teacher_forced_logits, left_padded_batch, tiny_model, tiny_pair
 
 from sol_hf import SolConfig, SolForCausalLM
 from sol_hf.ops import HAS_TRITON
@@ -331,12 +331,8 @@ def test_executed_ops_match_the_reference_per_row_in_padded_batches(family):
     call runs the masked reference. Same per-row actions, left-padded rows: same logits."""
     model = SolForCausalLM(tiny_model(family, **WIDE), WIDE_CONFIG)
     model.attention_overhead_bytes["cpu"] = 0.0  # page-sparse attention runs wherever it saves bytes
-    ids = _ids(3, 40, seed=5)
-    mask = torch.ones_like(ids)
-    mask[1, :6] = 0
-    mask[2, :11] = 0
     steps = 6
-    actions = torch.randint(0, model.space.num_actions, (3, steps), generator=torch.Generator().manual_seed(2))
+    ids, mask, actions = left_padded_batch(40, steps, model.space.num_actions)
     actions[0, :3] = model.space.index_of(0.1, min(model.space.activation_keep), 16)  # row 0: sparsest pages, most pruned
     decoded, teacher_forced = decode_and_teacher_forced_logits(model, ids, mask, actions, 40 - steps)
     torch.testing.assert_close(decoded, teacher_forced, atol=2e-5, rtol=1e-4)

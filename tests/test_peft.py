@@ -18,7 +18,7 @@ from sol_hf.hub import SolArtifactError, adapter_fingerprint  # noqa: E402
 from sol_hf.ops import HAS_TRITON  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _tiny import VOCAB, tiny_model  # noqa: E402
+from _tiny import VOCAB, left_padded_batch, tiny_model  # noqa: E402
 
 CONFIG = SolConfig(page_size=4, sink_tokens=2, recent_tokens=4, policy_hidden_size=64)
 WIDE = dict(intermediate_size=768)
@@ -104,12 +104,8 @@ def test_executed_ops_match_the_reference_with_lora_in_padded_batches(family, mo
         return real(x, weight_t, channel_idx, channel_count, bias, **kw)
 
     monkeypatch.setattr(ops, "sparse_linear", recording)
-    ids = _ids(3, 30, seed=5)
-    mask = torch.ones_like(ids)
-    mask[1, :6] = 0
-    mask[2, :11] = 0
     steps = 5
-    actions = torch.randint(0, model.space.num_actions, (3, steps), generator=torch.Generator().manual_seed(2))
+    ids, mask, actions = left_padded_batch(30, steps, model.space.num_actions)
     actions[:, 0] = model.space.index_of(0.25, min(model.space.activation_keep), 16)
     context = 30 - steps
     prefix = model(ids[:, :context], attention_mask=mask[:, :context], use_cache=True)

@@ -106,7 +106,7 @@ def test_presets():
     paper = SolConfig.from_preset("paper", page_size=8)
     assert paper.sparse_inputs == ("mlp_input",) and paper.bits == (8, 16) and paper.page_size == 8
     assert paper.activation_keep == (0.4, 0.6, 0.8, 1.0)
-    with pytest.raises(ValueError, match="unknown SolConfig preset 'fast'; presets: \\['default', 'paper'\\]"):
+    with pytest.raises(ValueError, match="unknown SolConfig preset 'fast'; presets: \\['default', 'int8-weights', 'paper'\\]"):
         SolConfig.from_preset("fast")
     with pytest.raises(ValueError, match="sparse_inputs must name at least one of"):
         SolConfig(sparse_inputs=("mlp_input", "lm_head"))
@@ -122,7 +122,7 @@ FORMAT_1 = {
 
 def test_a_format_1_config_reads_as_the_same_actions():
     config = SolConfig.from_dict(dict(FORMAT_1))
-    assert config.format_version == FORMAT_VERSION == 3
+    assert config.format_version == FORMAT_VERSION == 4
     assert config.activation_keep == (0.4, 0.8, 1.0) and config.bits == (8, 16)
     assert config.sparse_inputs == ("mlp_input", "mlp_output")
     without_intermediate = SolConfig.from_dict({k: v for k, v in FORMAT_1.items() if k != "prune_intermediate"})

@@ -4,6 +4,15 @@ Triton kernel for CUDA (``*_triton``). This package imports nothing else from so
 
 from ._backend import HAS_TRITON, get_backend, set_backend, use_backend, use_triton
 from .act_quant import fake_quantize, fake_quantize_naive, fake_quantize_triton
+from .int8_linear import (
+    Int8Weight,
+    dequantize_int8,
+    int8_group_size,
+    quantize_int8,
+    sparse_linear_int8,
+    sparse_linear_int8_naive,
+    sparse_linear_int8_rows,
+)
 from .page_attention import (
     page_attention,
     page_attention_gather,

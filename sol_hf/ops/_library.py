@@ -12,9 +12,10 @@ import torch
 
 from .act_quant import fake_quantize_triton
 from .page_attention import page_attention_triton, quest_page_scores_triton
+from .int8_linear import Int8Weight
 from .sparse_linear import sparse_linear_triton
 
-__all__ = ["page_attention_op", "quest_page_scores_op", "sparse_linear_op", "fake_quantize_op"]
+__all__ = ["page_attention_op", "quest_page_scores_op", "sparse_linear_op", "sparse_linear_int8_op", "fake_quantize_op"]
 
 
 @torch.library.custom_op("sol_hf::page_attention", mutates_args=())
@@ -54,6 +55,22 @@ def sparse_linear_op(
 @sparse_linear_op.register_fake
 def _(x, weight_t, channel_idx, channel_count, bias):
     return x.new_empty(x.shape[0], weight_t.shape[1])
+
+
+@torch.library.custom_op("sol_hf::sparse_linear_int8", mutates_args=())
+def sparse_linear_int8_op(
+    x: torch.Tensor, weight_t: torch.Tensor | None, packed: torch.Tensor, scale_offset: torch.Tensor, d_out: int,
+    group: int, use_int8: torch.Tensor, channel_idx: torch.Tensor, channel_count: torch.Tensor, bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`~sol_hf.ops.sparse_linear_triton` with an int8 copy (rows flagged ``use_int8`` read
+    it): (N, Dout) in ``x.dtype``."""
+    int8 = Int8Weight(packed, scale_offset, d_out, group)
+    return sparse_linear_triton(x, weight_t, channel_idx, channel_count, bias, int8=int8, use_int8=use_int8)
+
+
+@sparse_linear_int8_op.register_fake
+def _(x, weight_t, packed, scale_offset, d_out, group, use_int8, channel_idx, channel_count, bias):
+    return x.new_empty(x.shape[0], d_out)
 
 
 @torch.library.custom_op("sol_hf::fake_quantize", mutates_args=())

@@ -178,15 +178,24 @@ def sparse_linear_rows(
 if HAS_TRITON:
 
     @triton.jit
+    def _float_rows(w_ptr, ch, offs_o, stride_wi, stride_wo, mask_w):
+        """(BLOCK_K, BLOCK_OUT) float32 block of W_t: rows ``ch``, columns ``offs_o``."""
+        return tl.load(w_ptr + ch[:, None] * stride_wi + offs_o[None, :] * stride_wo, mask=mask_w, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _sparse_linear_split_kernel(
         x_ptr, w_ptr, idx_ptr, count_ptr, bias_ptr, part_ptr, out_ptr,
-        d_out, n_idx,
+        q_ptr, so_ptr, flag_ptr,
+        d_out, n_idx, group, n_groups,
         stride_xn, stride_xd, stride_wi, stride_wo, stride_in, stride_ik, stride_c,
-        stride_ps, stride_pn, stride_on, stride_oo,
+        stride_ps, stride_pn, stride_on, stride_oo, stride_qr, stride_f,
         SPLITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_INT8: tl.constexpr,
     ):
         """Program (row n, output block, split): accumulates x[n, c] * W_t[c, block] over its share
-        of the first ``count[n]`` channels of ``idx[n]``; only those rows of W_t are loaded."""
+        of the first ``count[n]`` channels of ``idx[n]``; only those rows of W_t are loaded. With
+        ``HAS_INT8``, a row whose flag is set reads the int8 copy instead: the codes of its kept
+        channels' groups (``q[c * n_groups + o // group, o % group]``) and their scale and offset."""
         n = tl.program_id(0).to(tl.int64)
         pid_o = tl.program_id(1)
         split = tl.program_id(2)
@@ -198,15 +207,25 @@ if HAS_TRITON:
         offs_o = pid_o * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
         mask_o = offs_o < d_out
         acc = tl.zeros([BLOCK_OUT], tl.float32)
+        if HAS_INT8:
+            use_int8 = tl.load(flag_ptr + n * stride_f) != 0
         for k0 in range(start, end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < end
             ch = tl.load(idx_ptr + n * stride_in + offs_k * stride_ik, mask=mask_k, other=0).to(tl.int64)
             xv = tl.load(x_ptr + n * stride_xn + ch * stride_xd, mask=mask_k, other=0.0).to(tl.float32)
-            w = tl.load(
-                w_ptr + ch[:, None] * stride_wi + offs_o[None, :] * stride_wo,
-                mask=mask_k[:, None] & mask_o[None, :], other=0.0,
-            ).to(tl.float32)
+            mask_w = mask_k[:, None] & mask_o[None, :]
+            if HAS_INT8:
+                if use_int8:
+                    qrow = ch[:, None] * n_groups + (offs_o // group)[None, :]  # (BLOCK_K, BLOCK_OUT)
+                    codes = tl.load(q_ptr + qrow * stride_qr + (offs_o % group)[None, :], mask=mask_w, other=0)
+                    scale = tl.load(so_ptr + qrow * 2, mask=mask_w, other=0.0)
+                    offset = tl.load(so_ptr + qrow * 2 + 1, mask=mask_w, other=0.0)
+                    w = codes.to(tl.float32) * scale + offset
+                else:
+                    w = _float_rows(w_ptr, ch, offs_o, stride_wi, stride_wo, mask_w)
+            else:
+                w = _float_rows(w_ptr, ch, offs_o, stride_wi, stride_wo, mask_w)
             acc += tl.sum(xv[:, None] * w, 0)
         if SPLITS == 1:  # write the result directly
             if HAS_BIAS:
@@ -243,9 +262,15 @@ def sparse_linear_triton(
     num_splits: int | None = None,
     block_k: int = 32,
     block_out: int = 128,
+    int8=None,
+    use_int8: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton twin of :func:`sparse_linear_naive` (same arguments, same result up to float
     summation order): a split-K GEMV that loads only the ``W_t`` rows of each row's kept channels.
+    With ``int8`` (an :class:`~sol_hf.ops.int8_linear.Int8Weight` of the same weight) and
+    ``use_int8`` ((N,) bool), the flagged rows read the int8 copy instead (the twin of
+    :func:`~sol_hf.ops.int8_linear.sparse_linear_int8_naive`); ``weight_t`` may then be None
+    when every row is flagged.
 
     Grid ``(N, ceil(Dout / block_out), num_splits)``; each program reads its share of the first
     ``channel_count[n]`` entries of ``channel_idx[n]`` (computed on the device, no host sync), in
@@ -259,9 +284,20 @@ def sparse_linear_triton(
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed: use sparse_linear_naive or install triton")
     n_rows, d_in = x.shape
-    d_out = weight_t.shape[1]
-    if weight_t.shape[0] != d_in:
-        raise ValueError(f"weight_t must be (Din, Dout) = ({d_in}, ...), got {tuple(weight_t.shape)}; see prepare_sparse_weight")
+    if (int8 is None) != (use_int8 is None):
+        raise ValueError("int8 and use_int8 go together")
+    if weight_t is None:
+        if int8 is None:
+            raise ValueError("weight_t is required without an int8 copy")
+        weight_t = int8.packed  # never read: every row is flagged
+        d_out = int8.d_out
+    else:
+        d_out = weight_t.shape[1]
+        if weight_t.shape[0] != d_in:
+            raise ValueError(f"weight_t must be (Din, Dout) = ({d_in}, ...), got {tuple(weight_t.shape)}; see prepare_sparse_weight")
+    if int8 is not None and (int8.d_out != d_out or int8.packed.shape[0] != d_in * (d_out // int8.group)):
+        raise ValueError(f"the int8 copy holds a ({int8.packed.shape[0] // (int8.d_out // int8.group)}, {int8.d_out}) weight, "
+                         f"not ({d_in}, {d_out})")
     n_idx = channel_idx.shape[-1]
     out_blocks = triton.cdiv(d_out, block_out)
     if num_splits is None:
@@ -272,12 +308,18 @@ def sparse_linear_triton(
         return out
     part = torch.empty(num_splits if num_splits > 1 else 1, n_rows, d_out, device=x.device, dtype=torch.float32)
     bias_arg = bias if bias is not None else out
+    if int8 is not None:
+        q, so, flags, group = int8.packed, int8.scale_offset, use_int8, int8.group
+    else:  # placeholders, never read
+        q, so, flags, group = out, out, out, 1
     _sparse_linear_split_kernel[(n_rows, out_blocks, num_splits)](
         x, weight_t, channel_idx, channel_count, bias_arg, part, out,
-        d_out, n_idx,
+        q, so, flags,
+        d_out, n_idx, group, d_out // group,
         *x.stride(), *weight_t.stride(), *channel_idx.stride(), channel_count.stride(0),
-        part.stride(0), part.stride(1), *out.stride(),
+        part.stride(0), part.stride(1), *out.stride(), q.stride(0), flags.stride(0),
         SPLITS=num_splits, BLOCK_K=block_k, BLOCK_OUT=block_out, HAS_BIAS=bias is not None,
+        HAS_INT8=int8 is not None,
     )
     if num_splits > 1:
         _sparse_linear_reduce_kernel[(n_rows, out_blocks)](
@@ -287,14 +329,22 @@ def sparse_linear_triton(
     return out
 
 
-def sparse_linear(x, weight_t, channel_idx, channel_count, bias=None, *, backend: str | None = None):
+def sparse_linear(x, weight_t, channel_idx, channel_count, bias=None, *, backend: str | None = None,
+                  int8=None, use_int8: torch.Tensor | None = None):
     """Dispatcher over the two executed paths, both reading only the kept rows of ``W_t``:
     :func:`sparse_linear_triton` on CUDA tensors when Triton imports, else
     :func:`sparse_linear_rows` (torch's ``embedding_bag``); ``backend`` = "auto" | "torch" |
     "triton" (None: the default set by ``sol_hf.ops.set_backend``). The masked reference is
-    :func:`sparse_linear_naive`."""
-    if use_triton(backend, x, weight_t):
+    :func:`sparse_linear_naive`. ``int8`` / ``use_int8``: rows flagged read an int8 copy (Triton
+    only; the CPU path of int8 rows is :func:`~sol_hf.ops.int8_linear.sparse_linear_int8_rows`)."""
+    if use_triton(backend, x, weight_t if weight_t is not None else int8.packed):
         if channel_count is None:
             channel_count = torch.full((x.shape[0],), channel_idx.shape[1], dtype=torch.long, device=x.device)
-        return torch.ops.sol_hf.sparse_linear(x, weight_t, channel_idx, channel_count, bias)
+        if int8 is None:
+            return torch.ops.sol_hf.sparse_linear(x, weight_t, channel_idx, channel_count, bias)
+        return torch.ops.sol_hf.sparse_linear_int8(
+            x, weight_t, int8.packed, int8.scale_offset, int8.d_out, int8.group, use_int8, channel_idx, channel_count, bias
+        )
+    if int8 is not None:
+        raise ValueError("int8 rows on the torch backend run sol_hf.ops.sparse_linear_int8_rows")
     return sparse_linear_rows(x, weight_t, channel_idx, channel_count, bias)

@@ -12,7 +12,7 @@ from ..actions import SiteBytes, StepBytes
 from ..adapters import ModelAdapter
 from ..config import SolConfig
 from .lora import idle_adapter_parameters
-from .projections import projection_bytes, projection_widths
+from .projections import int8_row_bytes, projection_bytes, projection_widths
 
 __all__ = ["measure_step_bytes", "SolComputeReport"]
 
@@ -25,14 +25,16 @@ def measure_step_bytes(base: PreTrainedModel, adapter: ModelAdapter, config: Sol
     layers = adapter.decoder_layers(base)
     sites = []
     for site in config.sparse_inputs:
-        total, widths, rows = 0, [], []
+        total, widths, rows, int8_rows = 0, [], [], []
         for layer in layers:
             projections = adapter.site_projections(layer, site)
             total += projection_bytes(projections)
             width, row = projection_widths(projections)
             widths.append(width)
             rows.append(row)
-        sites.append(SiteBytes(site, float(total), tuple(widths), tuple(rows)))
+            if config.quantize == "weights":
+                int8_rows.append(int8_row_bytes(projections))
+        sites.append(SiteBytes(site, float(total), tuple(widths), tuple(rows), tuple(int8_rows)))
     sparse_total = sum(site.total for site in sites)
     fixed = sum(_nbytes(p) for p in unique.values()) - sparse_total - _unread_lookup_bytes(base, adapter)
     fixed -= _unread_expert_bytes(base, adapter)

@@ -40,7 +40,7 @@ from ..actions import kept_count, read_factor, sparse_linear_pays
 from .lora import LoraBranch, active_branches, base_layer
 from .state import Runtime, StepState
 
-__all__ = ["LayerExecutor", "quantize_output_hook", "projection_widths", "projection_bytes", "SPARSE_LINEAR_READ_FACTOR"]
+__all__ = ["LayerExecutor", "quantize_output_hook", "projection_widths", "projection_bytes", "int8_row_bytes", "SPARSE_LINEAR_READ_FACTOR"]
 
 # The sparse projection op's time per byte over the dense projection's, per device type, optionally per
 # weight dtype ("cpu:bfloat16"). CPU: torch's embedding_bag reads kept rows more slowly than
@@ -89,6 +89,14 @@ def projection_bytes(projections: list[nn.Module]) -> float:
     return float(total)
 
 
+def int8_row_bytes(projections: list[nn.Module]) -> float:
+    """Bytes of one input channel's row of the int8 copy of ``projections`` (fused): the codes of
+    every output column plus a float32 scale and offset per group (see ``sol_hf.ops.int8_linear``)."""
+    d_out = sum(_transposed_weight(p).shape[1] for p in projections)
+    group = ops.int8_group_size(d_out)
+    return float((d_out // group) * (group + 8))
+
+
 def _prepare(projections: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
     """Fused (Din, sum Dout) row-major weight, fused bias or None, and each projection's Dout."""
     weights = [_transposed_weight(p).detach() for p in projections]
@@ -115,13 +123,26 @@ def _prepare_lora(projections: list[nn.Module]) -> tuple[torch.Tensor | None, li
     return fused, parts
 
 
+def _pruned_input(flat: torch.Tensor, counts: torch.Tensor, widest: int) -> torch.Tensor:
+    """(R, Din) ``flat`` with all but each row's ``counts`` largest-|x| channels zeroed: exactly
+    ``count`` channels per row, the ones the sparse ops read (a threshold on |x| would keep every
+    tied channel; exact ties are common: with grouped-query attention the heads that share a KV
+    head output the same values at a row's first token). ``widest``: the largest count."""
+    channels = torch.topk(flat.abs(), widest, dim=-1).indices  # (R, widest), largest first
+    kept = torch.arange(widest, device=flat.device) < counts.unsqueeze(-1)  # (R, widest)
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, channels, kept)
+    return torch.where(mask, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+
+
 class _PrunedProjections:
     """One group of projections that read the same input: the prepared weight and the last result."""
 
-    def __init__(self, projections: list[nn.Module], levels: tuple[float, ...]):
+    def __init__(self, projections: list[nn.Module], levels: tuple[float, ...], quantize_weights: bool = False):
         self.projections = projections
         self.originals = [p.forward for p in projections]
         self.levels = levels
+        self.quantize_weights = quantize_weights
+        self.int8: ops.Int8Weight | None = None
         self._counts: dict[torch.device, torch.Tensor] = {}
         self._last_input: torch.Tensor | None = None
         self._last_step: StepState | None = None
@@ -136,8 +157,14 @@ class _PrunedProjections:
         merged = tuple(bool(getattr(p, "merged", False)) for p in self.projections)
         if merged != self._merged:
             self.weight_t, self.bias, self.widths = _prepare(self.projections)
+            self.int8 = ops.quantize_int8(self.weight_t) if self.quantize_weights else None
             self._merged = merged
         self.lora_t, self.lora_parts = _prepare_lora(self.projections)
+        if self.int8 is not None and self.lora_parts:
+            raise TypeError(
+                "SolConfig(quantize='weights') reads int8 copies of the base weights, which do not hold the unmerged "
+                "LoRA adapters of a PeftModel; merge them first (peft_model.merge_and_unload()) or use quantize='activations'"
+            )
         self.width, self.row_bytes = projection_widths(self.projections)
         self.full_bytes = projection_bytes(self.projections)
         self.bias_bytes = self.full_bytes - self.width * self.row_bytes  # biases and lora_B: read whatever is kept
@@ -147,7 +174,8 @@ class _PrunedProjections:
         base = base_layer(self.projections[0])
         shares = len(self.projections) == 1 and self.weight_t.data_ptr() == base.weight.data_ptr()
         lora = 0 if self.lora_t is None else self.lora_t.numel() * self.lora_t.element_size()
-        self.prepared_bytes = (0 if shares else self.weight_t.numel() * self.weight_t.element_size()) + lora
+        int8 = 0 if self.int8 is None else self.int8.nbytes
+        self.prepared_bytes = (0 if shares else self.weight_t.numel() * self.weight_t.element_size()) + lora + int8
 
     def counts(self, device: torch.device) -> torch.Tensor:
         """(levels,) int64 kept channels per activation keep level, on ``device`` (built once)."""
@@ -161,6 +189,10 @@ class _PrunedProjections:
         if x is self._last_input and step is self._last_step:
             return self._last_outputs
         flat = x.reshape(-1, self.width)
+        if self.int8 is not None and (step.host is None or step.host.any_quant):
+            results = self._int8_outputs(x, flat, step)
+            self._last_input, self._last_step, self._last_outputs = x, step, results
+            return results
         rows = flat.shape[0]
         all_kept, sparse, widest, uniform, row_bytes_read = self._plan(step, rows, x.device)
         lead = x.shape[:-1]
@@ -183,17 +215,62 @@ class _PrunedProjections:
         else:
             if counts is None:
                 counts = self.counts(x.device)[step.activation_index]
-            # Exactly ``count`` channels per row, the ones the sparse op would read: a threshold on
-            # |x| would keep every tied channel (exact ties are common: with grouped-query attention
-            # the heads that share a KV head output the same values at a row's first token).
-            channels = torch.topk(flat.abs(), widest, dim=-1).indices  # (R, widest), largest first
-            kept = torch.arange(widest, device=flat.device) < counts.unsqueeze(-1)  # (R, widest)
-            mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, channels, kept)
-            pruned = torch.where(mask, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+            pruned = _pruned_input(flat, counts, widest)
             results = tuple(f(pruned.view_as(x)) for f in self.originals)
             step.projection_bytes.add(self.full_bytes)
         self._last_input, self._last_step, self._last_outputs = x, step, results
         return results
+
+    def _int8_outputs(self, x: torch.Tensor, flat: torch.Tensor, step: StepState) -> tuple[torch.Tensor, ...]:
+        """:meth:`outputs` where rows may read the int8 copy (``bits`` below 16 with
+        ``quantize='weights'``): flagged rows compute with the int8 weights of their kept channels.
+
+        * decode on CPU (sizes on the host): the int8 rows run the int8 kept-row op, each charged
+          its kept rows of the copy; in a batch that mixes precisions, the full-precision rows run
+          the masked dense projection (charged in full);
+        * decode on Triton: one kernel for all rows, each reading its own copy (no host sync);
+        * teacher-forced calls: the reference, masked input times the dequantized copy.
+        """
+        rows, device = flat.shape[0], flat.device
+        counts = self.counts(device)[step.activation_index]  # (R,)
+        flags = step.bits < 16  # (R,)
+        int8_bytes = self.int8.row_bytes
+        if not step.decode:
+            pruned = _pruned_input(flat, counts, self.width)
+            quantized = pruned.float() @ ops.dequantize_int8(self.int8)
+            if self.bias is not None:
+                quantized = quantized + self.bias.float()
+            full = torch.cat([f(pruned).reshape(rows, -1) for f in self.originals], dim=-1)
+            fused = torch.where(flags.unsqueeze(-1), quantized.to(full.dtype), full)
+            step.projection_bytes.add(torch.where(flags, self.width * int8_bytes + self.bias_bytes, self.full_bytes))
+        elif step.host is None:
+            channels = torch.topk(flat.abs(), self.width, dim=-1).indices
+            fused = ops.sparse_linear(flat, self.weight_t, channels, counts, self.bias, int8=self.int8, use_int8=flags)
+            step.projection_bytes.add(torch.where(flags, counts * int8_bytes, counts * self.row_bytes) + self.bias_bytes)
+        else:
+            host_counts = [self.counts_host[i] for i in step.host.activation_index]
+            quantized_rows = [r for r, bits in enumerate(step.host.bits) if bits < 16]
+            if len(quantized_rows) == rows:
+                fused = self._int8_rows(flat, counts, host_counts)
+            else:
+                picked = torch.tensor(quantized_rows, dtype=torch.long, device=device)
+                pruned = _pruned_input(flat, counts, self.width)
+                fused = torch.cat([f(pruned).reshape(rows, -1) for f in self.originals], dim=-1)
+                fused[picked] = self._int8_rows(flat[picked], counts[picked], [host_counts[r] for r in quantized_rows])
+            step.projection_bytes.add([
+                c * int8_bytes + self.bias_bytes if bits < 16 else self.full_bytes
+                for c, bits in zip(host_counts, step.host.bits)
+            ])
+        parts = [fused] if len(self.widths) == 1 else list(fused.split(self.widths, dim=-1))
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in parts)
+
+    def _int8_rows(self, flat: torch.Tensor, counts: torch.Tensor, host_counts: list[int]) -> torch.Tensor:
+        """(R, sum Dout): every row of ``flat`` through the int8 kept-row op, ``host_counts`` kept
+        channels each."""
+        widest = max(host_counts)
+        uniform = min(host_counts) == widest
+        channels = torch.topk(flat.abs(), widest, dim=-1, sorted=not uniform).indices
+        return ops.sparse_linear_int8(flat, self.int8, channels, None if uniform else counts, self.bias)
 
     def _add_adapters(self, results: list[torch.Tensor], flat: torch.Tensor, channels: torch.Tensor,
                       counts: torch.Tensor | None) -> None:
@@ -242,7 +319,7 @@ class _PrunedProjections:
         for module in self.projections:
             module.__dict__.pop("forward", None)
         self._last_input, self._last_step, self._last_outputs = None, None, ()
-        self.weight_t = self.bias = self.lora_t = None
+        self.weight_t = self.bias = self.lora_t = self.int8 = None
         self.lora_parts = []
         self._counts.clear()
 
@@ -260,14 +337,16 @@ class LayerExecutor:
     """
 
     def __init__(self, layer: nn.Module, adapter, config, runtime: Runtime):
+        quantize_weights = config.quantize == "weights" and min(config.bits) < 16
         self.groups = [
-            _PrunedProjections(adapter.site_projections(layer, site), config.activation_keep)
+            _PrunedProjections(adapter.site_projections(layer, site), config.activation_keep, quantize_weights)
             for site in config.sparse_inputs
         ]
         for group in self.groups:
             group.install(runtime)
         mlp_output = adapter.mlp_output_module(layer)
-        self.quant_handle = mlp_output.register_forward_hook(quantize_output_hook(runtime)) if min(config.bits) < 16 else None
+        quantize_activations = config.quantize == "activations" and min(config.bits) < 16
+        self.quant_handle = mlp_output.register_forward_hook(quantize_output_hook(runtime)) if quantize_activations else None
 
     @property
     def prepared_bytes(self) -> int:
