@@ -290,10 +290,11 @@ class SolForCausalLM(SolHubMixin, nn.Module):
                 f"the cheapest action costs {cheapest:.3f} of a dense step, of which the policy's own weights are {policy:.3f}. "
                 f"Use budget 1.0 (the base model), the uniform controller, or a smaller policy (SolConfig.policy_param_fraction)."
             )
+        int8 = "" if self.sol_config.quantize == "weights" else ", or int8 weight copies: SolConfig.from_preset('int8-weights')"
         return (
             f"budget {budget:g} is below the cheapest reachable cost {low:.3f} of this model and action grid at context "
             f"length {context_length} with the {controller} controller (reachable: [{low:.3f}, 1.0]). Raise the budget, "
-            f"or add cheaper levels to SolConfig (attention_keep, activation_keep, sparse_inputs)."
+            f"or add cheaper levels to SolConfig (attention_keep, activation_keep, sparse_inputs{int8})."
         )
 
     def make_controller(self, controller: str | Controller | None, **kwargs) -> Controller:

@@ -36,6 +36,22 @@ def test_default_reaches_0_4_on_an_8b_shape(llama_8b, backend):
         model.unwrap()
 
 
+def test_int8_weights_reach_below_0_25_on_an_8b_shape(llama_8b):
+    """bf16 weights: the int8 copy halves the bytes of every kept channel's row, so the cheapest
+    action (pages 0.1, keep 0.3, 8 bits) reads about 0.3 x 0.5 of the projections."""
+    model = SolForCausalLM(llama_8b, SolConfig.from_preset("int8-weights"))
+    try:
+        for context in (1024, 8192):
+            low = model.budget_range(context, "uniform", device="cuda")[0]
+            assert low <= 0.25, (context, low)
+        sites = model.cost_model.bytes.sites
+        # per input channel: Dout codes + 8 bytes per group of <= 512 columns, against 2 * Dout bytes in bf16
+        mlp_input = next(s for s in sites if s.name == "mlp_input")
+        assert mlp_input.int8_row_bytes[0] == 2 * 14336 + 8 * 56 and mlp_input.row_bytes[0] == 2 * 2 * 14336
+    finally:
+        model.unwrap()
+
+
 def test_the_paper_preset_reaches_what_it_did(llama_8b):
     """The paper's axes on the same shape: 0.695 at 1k, 0.664 at 8k (the figures measured before
     the activation axis covered every projection)."""
