@@ -184,6 +184,7 @@ def main() -> None:
                         "nominal_cost": 1.0 if report is None else round(float(report.nominal_cost.mean()), 4),
                         "activation_keep": 1.0 if report is None else round(float(report.activation_keep.mean()), 4),
                         "attention_read": 1.0 if report is None else round(float(report.attention_read.mean()), 4),
+                        "bits": 16.0 if report is None else round(float(report.bits.mean()), 2),
                     }
     base_ms = statistics.median(times["base"])
     rows = []

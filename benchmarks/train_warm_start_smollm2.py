@@ -1,7 +1,8 @@
-"""Train a SmolLM2 policy on the default action grid: supervised warm start, then GRPO.
+"""Train a SmolLM2 policy on a preset's action grid: supervised warm start, then GRPO.
 
-The policy the sweep in docs/results.md ("Fair baselines") scores. The default ``SolConfig`` grid
-(attention keep 0.1/0.25/0.5/1, activation keep 0.3/0.5/0.7/1 on every projection input, 16 bits),
+The policy the sweep in docs/results.md ("Fair baselines") scores. By default the default ``SolConfig``
+grid (attention keep 0.1/0.25/0.5/1, activation keep 0.3/0.5/0.7/1 on every projection input, 16
+bits; ``--preset int8-weights`` adds 8-bit weight copies),
 unified cost budgets in [0.5, 0.9], the rest of ``sol_hf.recipe.RECIPE`` except the number of
 updates: ``--warm-start-updates`` imitation updates of the hindsight placement of the best static
 mixture (``sol_hf.training.warm_start``), then ``--steps`` GRPO updates. Training text only
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from sol_hf.config import SPARSE_INPUT_SITES, SolConfig
+from sol_hf.config import PRESETS, SolConfig
 from sol_hf.training import train_policy
 
 
@@ -31,11 +32,12 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=400, help="cap on training windows")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="the action grid: SolConfig.from_preset(...)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    default = SolConfig()
-    grid = {"attention_keep": default.attention_keep, "activation_keep": default.activation_keep, "bits": default.bits,
-            "sparse_inputs": SPARSE_INPUT_SITES}
+    preset = SolConfig.from_preset(args.preset)
+    grid = {"attention_keep": preset.attention_keep, "activation_keep": preset.activation_keep, "bits": preset.bits,
+            "sparse_inputs": preset.sparse_inputs, "quantize": preset.quantize}
     started = time.time()
     out = train_policy(None, args.output, grid=grid, cost_budget_range=(min(args.budgets), max(args.budgets)),
                        steps=args.steps, warm_start_updates=args.warm_start_updates, warm_start_budgets=tuple(args.budgets),
