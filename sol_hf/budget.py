@@ -117,38 +117,43 @@ class BudgetTracker:
     """Running per-row spend over the controlled steps; all tensors stay on the device.
 
     ``spent`` (B, 4) sums the achieved cost fraction, attention keep, activation keep and bits/16 of
-    every controlled step so far; ``steps`` is the host-side count of controlled steps.
+    every controlled step so far. The count of controlled steps is kept twice: ``count``, a 0-d
+    float64 device tensor that the device math reads (a captured CUDA graph or a compiled step
+    replays reading its current value, where a Python int would be baked in as a constant), and
+    ``steps``, the same count as a host int for the host's loop (the report, a controller's step
+    index). They advance together in :meth:`update`.
     """
 
     def __init__(self, targets: BudgetTargets, max_steps: int):
         self.targets = targets
         self.max_steps = max(int(max_steps), 1)
         self.spent = torch.zeros_like(targets.values, dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.float64, device=targets.values.device)
         self.steps = 0
 
     def requirement(self) -> torch.Tensor:
         """(B, 4): what this step should spend so the running mean lands on target."""
-        return (self.targets.values.double() * (self.steps + 1) - self.spent).float()
+        return (self.targets.values.double() * (self.count + 1) - self.spent).float()
 
     def features(self) -> torch.Tensor:
         """(B, 13) policy features: progress, then (target, is_set, running mean - target) per dimension."""
         targets = self.targets.values
         is_set = self.targets.is_set.float()
-        if self.steps:
-            deviation = (self.spent / self.steps).float() - targets
-        else:
-            deviation = torch.zeros_like(targets)
-        progress = torch.full_like(targets[:, :1], (self.steps + 1) / self.max_steps)
+        deviation = torch.where(self.count > 0, self._mean().float() - targets, 0.0)
+        progress = ((self.count + 1) / self.max_steps).float().expand_as(targets[:, :1])
         return torch.cat([progress, targets, is_set, deviation * is_set], dim=-1)
 
     def update(self, cost: torch.Tensor, attention_keep: torch.Tensor, activation_keep: torch.Tensor, bits: torch.Tensor) -> None:
         """Add one step's achieved (B,) values."""
         step = torch.stack([cost.double(), attention_keep.double(), activation_keep.double(), bits.double() / 16.0], dim=-1)
         self.spent += step
+        self.count += 1
         self.steps += 1
 
     def means(self) -> torch.Tensor:
         """(B, 4) achieved means over the controlled steps (ones if none)."""
-        if not self.steps:
-            return torch.ones_like(self.spent)
-        return self.spent / self.steps
+        return torch.where(self.count > 0, self._mean(), 1.0)
+
+    def _mean(self) -> torch.Tensor:
+        """(B, 4) ``spent / count`` (zeros before the first step)."""
+        return self.spent / self.count.clamp_min(1)

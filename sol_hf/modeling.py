@@ -394,8 +394,8 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         batch, q_len = input_ids.shape
         if attention_mask is not None:
             return attention_mask.long().cumsum(-1)[:, -q_len:]
-        past = cache.get_seq_length() if cache is not None else 0
-        return torch.arange(past + 1, past + q_len + 1, device=input_ids.device).expand(batch, -1)
+        past = cache.get_seq_length() if cache is not None else 0  # a device tensor for a static cache: no host read
+        return (torch.arange(1, q_len + 1, device=input_ids.device) + past).expand(batch, -1)
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
