@@ -34,8 +34,8 @@ requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not insta
 _CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
-def _model(device: str) -> SolForCausalLM:
-    model = SolForCausalLM(tiny_model("llama", intermediate_size=768).to(device), CONFIG)
+def _model(device: str, config: SolConfig = CONFIG) -> SolForCausalLM:
+    model = SolForCausalLM(tiny_model("llama", intermediate_size=768).to(device), config)
     model.attention_overhead_bytes[device] = 0.0  # page-sparse attention runs at these short lengths
     return model
 
@@ -76,10 +76,10 @@ def _decode(model, ids, schedule, step) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-def _eager_and_compiled(device: str, batch: int) -> tuple[list[Counter], tuple, tuple, tuple]:
+def _eager_and_compiled(device: str, batch: int, config: SolConfig = CONFIG) -> tuple[list[Counter], tuple, tuple, tuple]:
     """The graphs compiled for a decode of ``batch`` rows (ops counted by name), and its (tokens,
     logits) eager, compiled, and eager on the dense schedule."""
-    model = _model(device)
+    model = _model(device, config)
     ids, schedule = _inputs(batch, device)
     graphs = []
 
@@ -117,6 +117,20 @@ def test_controlled_step_compiles_fullgraph_with_identical_tokens(batch):
     assert ops["sol_hf.sparse_linear"] == (8 if batch == 1 else 0), ops  # 4 pruned sites x 2 layers
     assert torch.equal(tokens, eager_tokens)
     assert torch.equal(logits, eager_logits)
+    assert not torch.allclose(logits, dense_logits, atol=1e-3)
+
+
+@requires_triton
+def test_a_step_reading_int8_weight_copies_compiles_fullgraph():
+    """With ``quantize="weights"`` every pruned site runs the int8-capable kernel (rows flagged on
+    the device: the schedule mixes 8 and 16 bits across steps), still one graph, eager's logits."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("on CPU the Triton ops need TRITON_INTERPRET=1 set before sol_hf.ops is imported (conftest.py sets it)")
+    config = SolConfig.from_preset("int8-weights", page_size=4, sink_tokens=2, recent_tokens=4, policy_hidden_size=64)
+    graphs, (eager_tokens, eager_logits), (tokens, logits), (_, dense_logits) = _eager_and_compiled(device, 2, config)
+    assert len(graphs) == 1 and graphs[0]["sol_hf.sparse_linear_int8"] == 8, graphs
+    assert torch.equal(tokens, eager_tokens) and torch.equal(logits, eager_logits)
     assert not torch.allclose(logits, dense_logits, atol=1e-3)
 
 
