@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--keep", type=float, default=0.3, help="activation keep of the sparse action (a grid level)")
+    parser.add_argument("--bits", type=int, default=16, help="bit-width of the sparse action (8 with --preset int8-weights)")
+    parser.add_argument("--preset", default="default", help="SolConfig.from_preset(...)")
     parser.add_argument("--top", type=int, default=10)
     args = parser.parse_args()
 
@@ -37,18 +39,19 @@ def main() -> None:
     from sol_hf.assets import smollm2_path
 
     base = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).eval()
-    model = SolForCausalLM(base, SolConfig())
+    model = SolForCausalLM(base, SolConfig.from_preset(args.preset))
     ids = torch.randint(3, 1000, (1, args.context + 1), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         prefix = model(ids[:, : args.context], use_cache=True)
-    actions = {"dense": model.space.dense_index, f"activation_keep_{args.keep:g}": model.space.index_of(1.0, args.keep, 16)}
+    actions = {"dense": model.space.dense_index,
+               f"activation_keep_{args.keep:g}_bits_{args.bits}": model.space.index_of(1.0, args.keep, args.bits)}
     result = {
         "benchmark": "decode_step_profile",
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "load_average": list(os.getloadavg()),
         "command": f"python benchmarks/decode_step_profile.py --context {args.context} --steps {args.steps} "
-                   f"--keep {args.keep:g} --top {args.top}",
+                   f"--keep {args.keep:g} --bits {args.bits} --preset {args.preset} --top {args.top}",
         "actions": {},
     }
     for name, action in actions.items():

@@ -40,9 +40,12 @@ __all__ = [
     "sparse_linear_int8",
 ]
 
-# Output columns per quantization group: at most this many (a finer scale grid is more accurate;
-# on CPU each group is one bag, and fewer, longer bags read faster).
-MAX_GROUP = 512
+# Output columns per quantization group: at most this many. A finer scale grid is more accurate,
+# but on CPU each group is one bag of the embedding-bag op, and fewer, longer bags read faster
+# (fbgemm spreads bags over threads: two groups already keep this project's 2 cores busy).
+# Relative weight error of the copies, random normal weights: 0.69 % at 512 columns, 0.75 % at
+# 1536, 0.81 % at 3072.
+MAX_GROUP = 2048
 MIN_GROUP = 32
 
 
@@ -129,6 +132,9 @@ def _has_fbgemm_bag() -> bool:
         return False
 
 
+_HAS_FBGEMM_BAG = _has_fbgemm_bag()
+
+
 _GROUP_OFFSETS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
@@ -149,18 +155,28 @@ def sparse_linear_int8_rows(x, weight: Int8Weight, channel_idx, channel_count, b
     with torch ops instead (same bytes read, slower)."""
     n_rows, n_idx = channel_idx.shape
     groups = weight.groups
-    idx = channel_idx.long()
-    xs = torch.gather(x, 1, idx).float()  # (N, K)
+    idx = channel_idx if channel_idx.dtype == torch.long else channel_idx.long()
+    xs = torch.gather(x, 1, idx)  # (N, K)
+    if xs.dtype != torch.float32:
+        xs = xs.float()
     if use_fbgemm is None:
-        use_fbgemm = _has_fbgemm_bag()
-    rows = idx.unsqueeze(1) * groups + _group_offsets(groups, idx.device)  # (N, NG, K) packed rows
-    sample = xs.unsqueeze(1).expand(-1, groups, -1)  # (N, NG, K)
+        use_fbgemm = _HAS_FBGEMM_BAG
     counts = None if channel_count is None else channel_count.clamp(0, n_idx)
-    if counts is None or bool((counts == n_idx).all()):  # fixed-size bags, one per (row, group)
-        rows, sample = rows.reshape(-1), sample.reshape(-1)
-        per_bag = None
+    per_bag = None
+    if (counts is None or bool((counts == n_idx).all())) and groups == 1:  # one fixed-size bag per row
+        rows, sample = idx.reshape(-1), xs.reshape(-1)
+        offsets = _bag_offsets(n_rows, n_idx, idx.device)
+        if not use_fbgemm:
+            per_bag = torch.full((n_rows,), n_idx, device=x.device)
+    elif counts is None or bool((counts == n_idx).all()):  # fixed-size bags, one per (row, group)
+        rows = (idx.unsqueeze(1) * groups + _group_offsets(groups, idx.device)).reshape(-1)  # (N * NG * K,) packed rows
+        sample = xs.unsqueeze(1).expand(-1, groups, -1).reshape(-1)
         offsets = _bag_offsets(n_rows * groups, n_idx, idx.device)
+        if not use_fbgemm:
+            per_bag = torch.full((n_rows * groups,), n_idx, device=x.device)
     else:  # each row's bags hold its first count[n] candidates
+        rows = idx.unsqueeze(1) * groups + _group_offsets(groups, idx.device)  # (N, NG, K)
+        sample = xs.unsqueeze(1).expand(-1, groups, -1)
         used = (torch.arange(n_idx, device=x.device) < counts.unsqueeze(-1)).unsqueeze(1).expand(-1, groups, -1)
         rows, sample = rows[used], sample[used]
         per_bag = counts.repeat_interleave(groups)
@@ -172,13 +188,12 @@ def sparse_linear_int8_rows(x, weight: Int8Weight, channel_idx, channel_count, b
     else:
         so = weight.scale_offset.index_select(0, rows)
         deq = weight.packed.index_select(0, rows)[:, : weight.group].float() * so[:, :1] + so[:, 1:]
-        bag = torch.repeat_interleave(torch.arange(n_rows * groups, device=x.device), per_bag) if per_bag is not None \
-            else torch.arange(n_rows * groups, device=x.device).repeat_interleave(n_idx)
+        bag = torch.repeat_interleave(torch.arange(n_rows * groups, device=x.device), per_bag)
         out = torch.zeros(n_rows * groups, weight.group, device=x.device).index_add_(0, bag, deq * sample.unsqueeze(-1))
     out = out.view(n_rows, weight.d_out)
     if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+        out = out + bias
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def sparse_linear_int8(x, weight: Int8Weight, channel_idx, channel_count, bias=None, *, backend: str | None = None):

@@ -144,6 +144,7 @@ class _PrunedProjections:
         self.quantize_weights = quantize_weights
         self.int8: ops.Int8Weight | None = None
         self._counts: dict[torch.device, torch.Tensor] = {}
+        self._every: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._last_input: torch.Tensor | None = None
         self._last_step: StepState | None = None
         self._last_outputs: tuple[torch.Tensor, ...] = ()
@@ -269,8 +270,18 @@ class _PrunedProjections:
         channels each."""
         widest = max(host_counts)
         uniform = min(host_counts) == widest
-        channels = torch.topk(flat.abs(), widest, dim=-1, sorted=not uniform).indices
+        if uniform and widest >= self.width:  # every channel: no selection
+            channels = self._every_channel(flat.shape[0], flat.device)
+        else:
+            channels = torch.topk(flat.abs(), widest, dim=-1, sorted=not uniform).indices
         return ops.sparse_linear_int8(flat, self.int8, channels, None if uniform else counts, self.bias)
+
+    def _every_channel(self, rows: int, device: torch.device) -> torch.Tensor:
+        """(rows, Din) int64 ``0..Din-1`` per row, made once per (rows, device)."""
+        key = (rows, device)
+        if key not in self._every:
+            self._every[key] = torch.arange(self.width, device=device).expand(rows, -1).contiguous()
+        return self._every[key]
 
     def _add_adapters(self, results: list[torch.Tensor], flat: torch.Tensor, channels: torch.Tensor,
                       counts: torch.Tensor | None) -> None:
@@ -322,6 +333,7 @@ class _PrunedProjections:
         self.weight_t = self.bias = self.lora_t = self.int8 = None
         self.lora_parts = []
         self._counts.clear()
+        self._every.clear()
 
 
 class LayerExecutor:
