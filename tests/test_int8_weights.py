@@ -78,11 +78,12 @@ def test_int8_rows_match_the_reference_and_read_only_kept_rows(d_in, d_out):
 def test_triton_kernel_reads_int8_rows_where_flagged():
     g = torch.Generator().manual_seed(1)
     d_in, d_out = 40, 200
-    weight_t = torch.randn(d_in, d_out, generator=g) / d_in**0.5
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    weight_t = (torch.randn(d_in, d_out, generator=g) / d_in**0.5).to(device)
     q = quantize_int8(weight_t, group=40)
-    x, bias = torch.randn(4, d_in, generator=g), torch.randn(d_out, generator=g)
-    idx, counts = topk_channels(x), torch.tensor([40, 20, 7, 1])
-    flags = torch.tensor([True, False, False, True])
+    x, bias = torch.randn(4, d_in, generator=g).to(device), torch.randn(d_out, generator=g).to(device)
+    idx, counts = topk_channels(x), torch.tensor([40, 20, 7, 1], device=device)
+    flags = torch.tensor([True, False, False, True], device=device)
     expected = torch.where(flags[:, None], sparse_linear_int8_naive(x, q, idx, counts, bias),
                            sparse_linear_naive(x, weight_t, idx, counts, bias))
     for splits in (1, 3):
