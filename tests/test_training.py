@@ -174,10 +174,11 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", pad_token="w0", eos_token="w1", bos_token="w2")
 
 
-def tiny_sol(seed: int = 0):
+def tiny_sol(seed: int = 0, preset: str = "default"):
     base = tiny_model("llama", seed=seed)
     reference = copy.deepcopy(base)
-    config = SolConfig(page_size=4, sink_tokens=4, recent_tokens=4, policy_hidden_size=16, policy_heads=2, action_embedding_size=8)
+    config = SolConfig.from_preset(preset, page_size=4, sink_tokens=4, recent_tokens=4, policy_hidden_size=16, policy_heads=2,
+                                   action_embedding_size=8)
     torch.manual_seed(seed)
     return SolForCausalLM(base, config), reference
 
@@ -214,6 +215,23 @@ def test_one_step_changes_only_policy_parameters(tmp_path):
     for key in ("loss", "reward", "budget/penalty", "entropy", "episode_time", "budget/cost"):
         assert key in logs and math.isfinite(logs[key]), key
     assert math.isfinite(logs["grad_norm"])
+
+
+def test_training_on_int8_weight_copies_and_the_artifact_keeps_them(tmp_path):
+    """The trainer needs no special case for the precision axis: one update on the int8 preset
+    samples 8-bit actions, and the saved policy reloads on the same action grid."""
+    model, reference = tiny_sol(preset="int8-weights")
+    trainer = SolGRPOTrainer(model, tiny_args(tmp_path), train_dataset=tiny_dataset(), processing_class=tiny_tokenizer())
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert math.isfinite(logs["loss"]) and math.isfinite(logs["reward"])
+    model.save_pretrained(tmp_path / "policy")
+    loaded = SolForCausalLM.from_pretrained(reference, tmp_path / "policy")
+    assert loaded.sol_config.quantize == "weights" and loaded.space.bits == (8, 16)
+    ids = torch.randint(3, VOCAB, (1, CONTEXT), generator=torch.Generator().manual_seed(1))
+    low = loaded.budget_range(CONTEXT + 1, "policy")[0]
+    loaded.generate(ids, compute_budget=low + 0.02, max_new_tokens=4, do_sample=False)
+    assert loaded.last_compute_report.bits.item() < 16  # near the floor the policy must play int8 steps
 
 
 def test_advantages_are_per_step_and_group_relative(tmp_path):
