@@ -62,6 +62,9 @@ def test_int8_rows_match_the_reference_and_read_only_kept_rows(d_in, d_out):
     for use_fbgemm in (True, False):
         got = sparse_linear_int8_rows(x, q, idx, counts, bias, use_fbgemm=use_fbgemm)
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+        # fixed-size bags (every row uses its 5 candidates)
+        got = sparse_linear_int8_rows(x, q, idx[:, :5].contiguous(), None, bias, use_fbgemm=use_fbgemm)
+        torch.testing.assert_close(got, sparse_linear_int8_naive(x, q, idx[:, :5], torch.full((3,), 5), bias), atol=2e-5, rtol=2e-5)
     # channels beyond a row's count are never read: poison the others' codes, row by row
     for r, c in [(1, d_in // 2), (2, 5)]:
         poisoned = q.packed.clone().view(d_in, -1)

@@ -8,6 +8,7 @@ from .int8_linear import (
     Int8Weight,
     dequantize_int8,
     int8_group_size,
+    int8_row_bytes,
     quantize_int8,
     sparse_linear_int8,
     sparse_linear_int8_naive,

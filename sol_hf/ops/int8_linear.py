@@ -28,11 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .sparse_linear import _bag_offsets, sparse_linear_naive
+from ._backend import use_triton
+from .sparse_linear import _bag_offsets, sparse_linear, sparse_linear_naive
 
 __all__ = [
     "Int8Weight",
     "int8_group_size",
+    "int8_row_bytes",
     "quantize_int8",
     "dequantize_int8",
     "sparse_linear_int8_naive",
@@ -47,6 +49,13 @@ __all__ = [
 # 1536, 0.81 % at 3072.
 MAX_GROUP = 2048
 MIN_GROUP = 32
+
+
+def int8_row_bytes(d_out: int) -> int:
+    """Bytes of one input channel's row of the int8 copy of a weight with ``d_out`` output
+    columns: every column's code plus a float32 scale and offset per group."""
+    group = int8_group_size(d_out)
+    return (d_out // group) * (group + 8)
 
 
 def int8_group_size(d_out: int) -> int:
@@ -162,18 +171,14 @@ def sparse_linear_int8_rows(x, weight: Int8Weight, channel_idx, channel_count, b
     if use_fbgemm is None:
         use_fbgemm = _HAS_FBGEMM_BAG
     counts = None if channel_count is None else channel_count.clamp(0, n_idx)
-    per_bag = None
-    if (counts is None or bool((counts == n_idx).all())) and groups == 1:  # one fixed-size bag per row
-        rows, sample = idx.reshape(-1), xs.reshape(-1)
-        offsets = _bag_offsets(n_rows, n_idx, idx.device)
-        if not use_fbgemm:
-            per_bag = torch.full((n_rows,), n_idx, device=x.device)
-    elif counts is None or bool((counts == n_idx).all()):  # fixed-size bags, one per (row, group)
-        rows = (idx.unsqueeze(1) * groups + _group_offsets(groups, idx.device)).reshape(-1)  # (N * NG * K,) packed rows
-        sample = xs.unsqueeze(1).expand(-1, groups, -1).reshape(-1)
+    per_bag = None  # entries per bag, where bags differ in size
+    if counts is None or bool((counts == n_idx).all()):  # fixed-size bags, one per (row, group)
+        if groups == 1:  # the packed rows are the channels themselves (no index arithmetic)
+            rows, sample = idx.reshape(-1), xs.reshape(-1)
+        else:
+            rows = (idx.unsqueeze(1) * groups + _group_offsets(groups, idx.device)).reshape(-1)  # (N * NG * K,)
+            sample = xs.unsqueeze(1).expand(-1, groups, -1).reshape(-1)
         offsets = _bag_offsets(n_rows * groups, n_idx, idx.device)
-        if not use_fbgemm:
-            per_bag = torch.full((n_rows * groups,), n_idx, device=x.device)
     else:  # each row's bags hold its first count[n] candidates
         rows = idx.unsqueeze(1) * groups + _group_offsets(groups, idx.device)  # (N, NG, K)
         sample = xs.unsqueeze(1).expand(-1, groups, -1)
@@ -188,7 +193,8 @@ def sparse_linear_int8_rows(x, weight: Int8Weight, channel_idx, channel_count, b
     else:
         so = weight.scale_offset.index_select(0, rows)
         deq = weight.packed.index_select(0, rows)[:, : weight.group].float() * so[:, :1] + so[:, 1:]
-        bag = torch.repeat_interleave(torch.arange(n_rows * groups, device=x.device), per_bag)
+        bags = torch.arange(n_rows * groups, device=x.device)
+        bag = bags.repeat_interleave(n_idx) if per_bag is None else bags.repeat_interleave(per_bag)
         out = torch.zeros(n_rows * groups, weight.group, device=x.device).index_add_(0, bag, deq * sample.unsqueeze(-1))
     out = out.view(n_rows, weight.d_out)
     if bias is not None:
@@ -200,9 +206,6 @@ def sparse_linear_int8(x, weight: Int8Weight, channel_idx, channel_count, bias=N
     """Dispatcher: every row reads the int8 copy. On CUDA (or ``backend="triton"``) the Triton
     kernel of :func:`~sol_hf.ops.sparse_linear` with every row flagged int8, else
     :func:`sparse_linear_int8_rows`."""
-    from ._backend import use_triton
-    from .sparse_linear import sparse_linear
-
     if use_triton(backend, x, weight.packed):
         flags = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         return sparse_linear(x, None, channel_idx, channel_count, bias, int8=weight, use_int8=flags, backend="triton")

@@ -92,9 +92,7 @@ def projection_bytes(projections: list[nn.Module]) -> float:
 def int8_row_bytes(projections: list[nn.Module]) -> float:
     """Bytes of one input channel's row of the int8 copy of ``projections`` (fused): the codes of
     every output column plus a float32 scale and offset per group (see ``sol_hf.ops.int8_linear``)."""
-    d_out = sum(_transposed_weight(p).shape[1] for p in projections)
-    group = ops.int8_group_size(d_out)
-    return float((d_out // group) * (group + 8))
+    return float(ops.int8_row_bytes(sum(_transposed_weight(p).shape[1] for p in projections)))
 
 
 def _prepare(projections: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
