@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.utils import ModelOutput
 
 from . import ops
@@ -360,6 +360,8 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             )
         if actions.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"actions must be integer action indices, got dtype {actions.dtype}")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"with actions, attention_mask must be the (B, S) 0/1 mask, got shape {tuple(attention_mask.shape)}")
         actions = actions.to(self.device).long()
         self._follow_adapters()
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -425,15 +427,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             return self.base_model.generate(input_ids, **kwargs)
         if kwargs.get("use_cache") is False:
             raise ValueError("controlled generation needs the KV cache; drop use_cache=False")
-        given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        static = kwargs.get("cache_implementation", self.generation_config.cache_implementation) not in (None, "dynamic")
-        if static or (given_cache is not None and not isinstance(given_cache, DynamicCache)):
-            raise ValueError(
-                "controlled generation decodes with a growing (dynamic) KV cache; a static or other fixed-shape cache "
-                f"(cache_implementation={kwargs.get('cache_implementation', self.generation_config.cache_implementation)!r}, "
-                f"cache {type(given_cache).__name__}) is not supported yet. Drop cache_implementation, or use "
-                "compute_budget=1.0 (the base model, any cache)."
-            )
+        self._check_cache(kwargs)
         if kwargs.get("num_beams", 1) not in (None, 1) or kwargs.get("assistant_model") is not None:
             raise ValueError("controlled generation supports greedy and sampling decoding, not beam search or assisted decoding")
         if kwargs.get("adapter_names") is not None:
@@ -452,8 +446,12 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         session = _GenerateSession(ControlledStep(self, ctrl, targets, max_new_tokens - 1, dense_rows=targets.is_dense))
         if attention_mask is not None and not bool(attention_mask[:, 0].all()):  # once, before decoding
             session.left_padding = _left_padding(attention_mask.to(device))
+        session.total_length = input_ids.shape[1]
         if self._wants_page_bounds(kwargs, input_ids.shape[1] + max_new_tokens):
             kwargs["cache"] = page_bounds_cache(self.config, self.sol_config.page_size)
+        # transformers compiles the forward of a static-cache generate on GPUs; the controlled step's
+        # hooks are host-side Python (controller, budget bookkeeping), so a controlled generate runs eager.
+        kwargs.setdefault("disable_compile", True)
         self._runtime.session = session
         self._runtime.capture_hidden = True
         try:
@@ -466,11 +464,31 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         self.last_compute_report = session.step.report()
         return output
 
+    def _check_cache(self, kwargs: dict) -> None:
+        """Refuse a KV cache controlled decoding cannot account for: a quantized or paged cache (its
+        K/V are read at another precision than attention sees) or an unknown cache class. Dynamic,
+        offloaded and static caches (``cache_implementation="static"``, a ``StaticCache``) decode."""
+        given = kwargs.get("cache", kwargs.get("past_key_values"))
+        implementation = _cache_implementation(kwargs, self.generation_config)
+        if implementation not in _CONTROLLED_CACHE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"controlled generation runs with a dynamic, offloaded or static KV cache, got cache_implementation="
+                f"{implementation!r} (its keys and values are not read at the precision SOL's byte accounting counts). "
+                "Drop cache_implementation, or use compute_budget=1.0 (the base model, any cache)."
+            )
+        if given is not None and not isinstance(given, (DynamicCache, StaticCache)):
+            raise ValueError(
+                f"controlled generation runs with a DynamicCache or a StaticCache, got a {type(given).__name__}. "
+                "Pass one of those, or use compute_budget=1.0 (the base model, any cache)."
+            )
+
     def _wants_page_bounds(self, kwargs: dict, final_length: int) -> bool:
         """Whether generate should keep Quest page bounds in its cache: only where the user gave no
-        cache and page-sparse attention can run (it does at some context length up to
-        ``final_length``; the saving grows with length, so checking the last one suffices)."""
-        if self.sol_config.selection != "quest" or any(k in kwargs for k in ("cache", "past_key_values", "cache_implementation")):
+        cache and asked for no cache kind (a static cache recomputes them from its keys), and
+        page-sparse attention can run (it does at some context length up to ``final_length``; the
+        saving grows with length, so checking the last one suffices)."""
+        if (self.sol_config.selection != "quest" or any(k in kwargs for k in ("cache", "past_key_values"))
+                or _cache_implementation(kwargs, self.generation_config) not in (None, "dynamic")):
             return False
         length = torch.tensor([final_length], device=self.device)
         keep = torch.tensor(min(self.space.attention_keep), device=self.device)
@@ -517,11 +535,15 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             raise RuntimeError("controlled generation expects one new token per decode step")
         attention_mask = kwargs.get("attention_mask")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        lengths = self._valid_lengths(input_ids, attention_mask, cache)[:, -1]
+        session.total_length += 1
+        if attention_mask is None or (torch.is_tensor(attention_mask) and attention_mask.dim() == 2):
+            lengths = self._valid_lengths(input_ids, attention_mask, cache)[:, -1]
+        else:  # the 4-D mask (or per-layer-type masks) transformers prepares for a static cache
+            padding = session.left_padding if session.left_padding is not None else 0
+            lengths = session.total_length - padding + torch.zeros_like(input_ids[:, -1])
         tokens = input_ids[:, -1]
         session.actions = session.step.decide(tokens, lengths, self._runtime.last_hidden[:, -1], session.last_logits)
-        total_length = attention_mask.shape[1] if attention_mask is not None else cache.get_seq_length() + 1
-        self._runtime.step = session.step.state(session.actions, session.left_padding, total_length, cache)
+        self._runtime.step = session.step.state(session.actions, session.left_padding, session.total_length, cache)
         return None
 
     def _after_base_forward(self, module, args, output):
@@ -543,8 +565,22 @@ class _GenerateSession:
     step: ControlledStep
     left_padding: torch.Tensor | None = None  # (B,), set once before decoding when rows are padded
     prefilled: bool = False
+    total_length: int = 0  # positions so far (the padded prompt's width, plus one per decode step)
     actions: torch.Tensor | None = None  # (B,) the actions of the forward in progress
     last_logits: torch.Tensor | None = None  # (B, V) the previous forward's last-position logits
+
+
+# Cache kinds a controlled generate runs with (transformers turns "hybrid" into its default, dynamic cache).
+_CONTROLLED_CACHE_IMPLEMENTATIONS = (
+    None, "dynamic", "offloaded", "hybrid", "static", "offloaded_static", "sliding_window", "offloaded_hybrid",
+)
+
+
+def _cache_implementation(kwargs: dict, generation_config) -> str | None:
+    """The ``cache_implementation`` generate will use: the call's, else the model's default."""
+    if "cache_implementation" in kwargs:
+        return kwargs["cache_implementation"]
+    return getattr(generation_config, "cache_implementation", None)
 
 
 def _left_padding(attention_mask: torch.Tensor) -> torch.Tensor:

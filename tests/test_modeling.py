@@ -704,14 +704,71 @@ def test_episodes_read_quest_bounds_from_the_cache_and_match_recomputed_bounds(m
 
 
 
-def test_a_static_cache_is_refused_clearly():
-    """Controlled steps read valid lengths and page layouts from a growing cache; a StaticCache
-    (fixed-shape K/V, a 4-D mask) is not supported yet and must not decode with wrong accounting."""
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "mistral", "gpt2"])
+def test_a_static_cache_decodes_the_dynamic_caches_tokens(family):
+    """``cache_implementation="static"`` under a budget: the same actions, tokens and scores as the
+    dynamic cache, in a left-padded batch with page-sparse attention running (slot i of the
+    preallocated buffer holds position i; sliding-window layers hold a window), and the report
+    charges at least what the dynamic run read (dense attention reads the whole buffer)."""
+    model = SolForCausalLM(tiny_model(family, **WIDE), WIDE_CONFIG)
+    model.attention_overhead_bytes["cpu"] = 0.0  # page-sparse attention runs wherever it saves bytes
+    ids = _ids(3, 40)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    mask[2, :15] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True,
+              compute_budget=0.7, pad_token_id=0)
+    dynamic = model.generate(ids, **kw)
+    dynamic_report = model.last_compute_report
+    static = model.generate(ids, cache_implementation="static", **kw)
+    static_report = model.last_compute_report
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.scores, dynamic.scores):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(static_report.standalone_cost, dynamic_report.standalone_cost)
+    assert float(static_report.standalone_cost.max()) < 0.75
+    assert bool((static_report.cost >= dynamic_report.cost - 1e-6).all())
+
+
+def test_a_static_caches_dense_attention_is_charged_its_whole_buffer():
+    """Attention over a StaticCache of L slots reads all L (the empty ones masked): the report's
+    cost exceeds the dynamic cache's by (L - n) K/V slots of every layer at each step of length n."""
+    from transformers import StaticCache
+
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)  # CPU overhead default: attention runs dense
+    cm = model.cost_model
+    prompt, new, slots = 30, 8, 64
+    ids = _ids(1, prompt)
+    kw = dict(max_new_tokens=new, do_sample=False, compute_budget=0.7)
+    dynamic = model.generate(ids, **kw)
+    dynamic_cost = model.last_compute_report.cost.item()
+    static = model.generate(ids, cache=StaticCache(config=model.config, max_cache_len=slots), **kw)
+    report = model.last_compute_report
+    assert torch.equal(static, dynamic)
+    assert report.attention_read.item() > 1.0  # the buffer, not just the valid slots
+    lengths = torch.arange(prompt + 1, prompt + new).double()  # the controlled steps' valid lengths
+    extra = ((slots - lengths) * sum(cm.bytes.kv_per_token) / cm.dense_bytes(lengths.long()).double()).mean()
+    assert report.cost.item() == pytest.approx(dynamic_cost + float(extra), rel=1e-4)
+    assert report.standalone_cost.item() == pytest.approx(dynamic_cost, rel=1e-4)
+
+
+def test_a_checkpoints_hybrid_cache_default_decodes_with_a_dynamic_cache():
+    """Gemma checkpoints ship ``cache_implementation="hybrid"`` in their generation config;
+    transformers decodes those with its default dynamic cache, and so does a controlled generate."""
+    model = SolForCausalLM(tiny_model("gemma3_text", **WIDE), WIDE_CONFIG)
+    ids = _ids(1, 30)
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False, compute_budget=0.7)
+    model.generation_config.cache_implementation = "hybrid"
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, compute_budget=0.7), expected)
+
+
+def test_a_quantized_cache_is_refused_clearly():
+    """A quantized KV cache is read at another precision than the byte accounting counts."""
     model = SolForCausalLM(tiny_model("llama"), SMALL)
-    with pytest.raises(ValueError, match="static"):
-        model.generate(_ids(1, 20), max_new_tokens=3, compute_budget=0.9, cache_implementation="static")
-    # dense budgets run the base model, whatever its cache
-    model.generate(_ids(1, 20), max_new_tokens=3, compute_budget=1.0, cache_implementation="static")
+    with pytest.raises(ValueError, match="quantized"):
+        model.generate(_ids(1, 20), max_new_tokens=3, compute_budget=0.9, cache_implementation="quantized")
+    with pytest.raises(ValueError, match="DynamicCache or a StaticCache"):
+        model.generate(_ids(1, 20), max_new_tokens=3, compute_budget=0.9, past_key_values=object())
 
 
 def test_pipeline_and_streamer_carry_the_budget(smollm2_path):

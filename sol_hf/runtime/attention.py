@@ -25,6 +25,7 @@ import sys
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask
 
@@ -189,6 +190,14 @@ def _cached_page_bounds(step: StepState, module, kv_len: int):
     return layer.page_min, layer.page_max
 
 
+def _fixed_shape_layer(step: StepState, module) -> bool:
+    """Whether this layer's cache is a preallocated (static) buffer: attention is handed all its
+    slots, filled or not (transformers' ``StaticLayer`` and its sliding-window variant)."""
+    layers = getattr(step.cache, "layers", None)
+    index = getattr(module, "layer_idx", None)
+    return layers is not None and index is not None and index < len(layers) and isinstance(layers[index], StaticLayer)
+
+
 def _layout(step: StepState, attention_mask, batch: int, q_len: int, kv_len: int, device,
             overhead_tokens: float) -> tuple[_Layout, torch.Tensor | None]:
     """The step's slot layout for this call (computed once per shape, mask and overhead) and,
@@ -198,8 +207,11 @@ def _layout(step: StepState, attention_mask, batch: int, q_len: int, kv_len: int
     if cached is None:
         valid = _valid_slots(attention_mask, batch, q_len, kv_len, device).reshape(batch * q_len, kv_len)
         start = None
-        if step.left_padding is not None:  # a sliding-window cache has dropped (total_length - kv_len) slots
-            start = (step.left_padding - (step.total_length - kv_len)).clamp(min=0).repeat_interleave(q_len)
+        if step.left_padding is not None:
+            # Slot i holds position i, less the (total_length - kv_len) slots a full sliding-window
+            # cache has dropped; a static cache's buffer is longer than the sequence (nothing dropped).
+            dropped = max(int(step.total_length) - kv_len, 0)
+            start = (step.left_padding - dropped).clamp(min=0).repeat_interleave(q_len)
             idx = start.unsqueeze(-1) + torch.arange(kv_len, device=device)
             valid = torch.gather(valid, 1, idx.clamp(max=kv_len - 1)) & (idx < kv_len)
         cached = (_Layout(valid, step, overhead_tokens), start, attention_mask)
@@ -257,7 +269,9 @@ def _make_sol_attention(impl: str):
             )
             return out.view(batch, q_len, q_heads, dim), None
         if windowed or not _runs_sparse(step, layout, kv_len, runtime.cost_model.sparse_attention_from(query.device.type)):
-            if step.host is not None:
+            if _fixed_shape_layer(step, module):  # dense attention reads the whole preallocated buffer
+                step.kv_bytes.add(kv_len * token_bytes)
+            elif step.host is not None:
                 step.kv_bytes.add([n * token_bytes for n in layout.valid_counts_on_host()])
             else:
                 step.kv_bytes.add(layout.n_valid * token_bytes)
@@ -271,8 +285,9 @@ def _make_sol_attention(impl: str):
         )
         # Bytes read per row: the pages gathered (the torch gather reads the batch's largest page
         # count for every row, the Triton kernel each row's own), the page bounds Quest scores
-        # (one K+V row per page), every key when the bounds were recomputed, every slot when
-        # left-padded rows were shifted to start a page at their first token.
+        # (one K+V row per page), every key slot handed over when the bounds were recomputed (the
+        # valid ones; a static cache's whole buffer), every slot when left-padded rows were
+        # shifted to start a page at their first token.
         pages = page_count[:, 0].to(torch.float64)
         if not ops.use_triton(None, query, key, value):
             pages = pages.amax().expand_as(pages)
@@ -280,7 +295,7 @@ def _make_sol_attention(impl: str):
         if config.selection == "quest":
             tokens = tokens + layout.n_valid_pages.to(torch.float64)
             if bounds is None:
-                tokens = tokens + n_valid / 2
+                tokens = tokens + (kv_len if _fixed_shape_layer(step, module) else n_valid) / 2
         if start is not None:
             tokens = tokens + kv_len
         step.kv_bytes.add(tokens * token_bytes)
