@@ -133,6 +133,9 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="> 0: wrap the model in a PEFT LoRA adapter of this rank on every linear projection of the "
                              "decoder (random weights, unmerged); base and SOL both decode the PeftModel")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="CPU: measure the sparse read factor on the model first (model.calibrate_sparse_read_factor) "
+                             "instead of using the shipped one")
     parser.add_argument("--output", help="also write the JSON here")
     parser.add_argument("--plot", metavar="PNG",
                         help="write a PNG of time per token relative to the base model against the executed cost, "
@@ -159,6 +162,7 @@ def main() -> None:
     base = copy.deepcopy(loaded)
     wrapped = SolForCausalLM(copy.deepcopy(loaded), SolConfig.from_preset(args.preset))
     del loaded
+    calibration = wrapped.calibrate_sparse_read_factor() if args.calibrate else None
     low = wrapped.budget_range(args.context + 1)[0]
     budgets = args.budgets or [round(1.0 - i * (1.0 - low) / 4, 3) for i in range(5)]
     budgets = [max(b, round(low + 5e-4, 3)) for b in budgets]
@@ -210,6 +214,8 @@ def main() -> None:
         "preset": args.preset,
         "cache": args.cache,
         "lora_rank": args.lora_rank,
+        "calibration": calibration,
+        "sparse_linear_read_factor": dict(wrapped.sparse_linear_read_factor),
         "lowest_reachable_budget": round(low, 4),
         "prepared_weight_mib": round(wrapped.prepared_weight_bytes / 2**20, 1),
         "base_ms_per_token": round(base_ms, 3),

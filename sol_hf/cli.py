@@ -40,6 +40,10 @@ _HELP_THREADS = (
     "torch CPU threads (default: torch's choice; demo: 2). sol-hf sets OMP_WAIT_POLICY=PASSIVE unless you set it, so "
     "waiting OpenMP threads sleep instead of spinning: on cores other jobs share, spinning made runs 3-9x slower"
 )
+_HELP_CALIBRATE = (
+    "CPU: first measure how fast this machine's kept-row op reads against the dense projection on the model's own "
+    "weights (about a second), and run it only at keeps where it measured faster; moves the reachable budgets too"
+)
 # Where OpenMP's threads wait: set before torch loads (OpenMP reads it once, at start-up).
 OMP_WAIT_POLICY_DEFAULT = "PASSIVE"
 
@@ -399,6 +403,7 @@ def cmd_generate(args) -> int:
         untrained_note="sol-hf: no --policy given: --controller policy would pick actions with an untrained (random) "
                        "policy; pass --policy, or use --controller uniform",
     )
+    _calibrate(model, args.calibrate)
     encoded = tokenizer(args.prompt, return_tensors="pt")
     input_ids = encoded["input_ids"].to(model.device)
     budget = args.budget
@@ -490,11 +495,24 @@ def cmd_train(args) -> int:
 DEMO_BUDGETS = ({"attention": 0.6, "activation": 0.8, "bits": 8}, {"attention": 0.3, "activation": 0.6, "bits": 6})
 
 
+def _calibrate(model, wanted: bool) -> None:
+    """With ``--calibrate``: measure this machine's sparse read factor (CPU) and say what it is."""
+    if not wanted:
+        return
+    if model.device.type != "cpu":
+        raise CLIError(f"--calibrate measures the CPU kept-row op; the model is on {model.device} (drop --calibrate)")
+    result = model.calibrate_sparse_read_factor()
+    levels = ", ".join(f"keep {k:g}: {v['time_ratio']:.2f}" for k, v in result["levels"].items())
+    print(f"sol-hf: calibrated {result['key']} sparse read factor {result['factor']:.2f} (kept-row op time / dense "
+          f"projections: {levels})", file=sys.stderr)
+
+
 def cmd_range(args) -> int:
     """Print the reachable unified budgets at a few context lengths, for the uniform controller and
     (its own weights counted) the policy."""
     _set_threads(args.threads)
     model, _ = load_model(args.base, args.policy, args.device, _read_sol_config(args.sol_config), quiet=True)
+    _calibrate(model, args.calibrate)
     config = model.sol_config
     print(f"sol-hf range: {args.base}, {config.num_actions} actions (activation sparsity on "
           f"{', '.join(config.sparse_inputs)}; attention keep {list(config.attention_keep)}; activation keep "
@@ -652,12 +670,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="who picks each step's action: the policy (default), the uniform schedule or random actions")
     g.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=40, help="tokens to generate (default 40)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random controller")
+    g.add_argument("--calibrate", action="store_true", help=_HELP_CALIBRATE)
     g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("range", help="print the reachable compute budgets of a model and action grid by context length")
     common(r, "policy artifact folder (its action grid; default: SolConfig() or --sol-config)")
     r.add_argument("--context-lengths", nargs="+", type=_positive_int("--context-lengths"), default=[64, 256, 1024, 4096],
                    help="context lengths in tokens, the current one included (default 64 256 1024 4096)")
+    r.add_argument("--calibrate", action="store_true", help=_HELP_CALIBRATE)
     r.set_defaults(func=cmd_range)
 
     def training_options(p, defaults):

@@ -44,6 +44,7 @@ from .policy import (
 )
 from .runtime.accounting import SolComputeReport, measure_step_bytes
 from .runtime.lora import adapter_state, is_peft_model, peft_inner_model
+from .runtime.calibrate import measure_sparse_read_factor
 from .runtime.attention import ATTENTION_NAMES, SPARSE_ATTENTION_OVERHEAD_BYTES
 from .runtime.projections import SPARSE_LINEAR_READ_FACTOR, LayerExecutor
 from .runtime.state import Runtime, StepState
@@ -201,6 +202,21 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         dense projection runs on the pruned input and that projection is credited nothing. Shared
         by the cost model and the runtime, like :attr:`attention_overhead_bytes`."""
         return self.cost_model.sparse_linear_read_factor
+
+    def calibrate_sparse_read_factor(self, repeats: int = 5) -> dict:
+        """Measure this machine's sparse-projection read factor on the model's own weights and use
+        it (:mod:`sol_hf.runtime.calibrate`): sets ``sparse_linear_read_factor["cpu:<dtype>"]``,
+        which moves the path choice, the cost tables and :meth:`budget_range` together, so the
+        kept-row op runs only at keeps where it measured faster than the dense projection. CPU
+        only (on CUDA the Triton kernel picks its path on the device). Takes about ten passes over
+        the weights. Returns the measurements (``factor``, per-level time ratios, ``key``)."""
+        if self.device.type != "cpu":
+            raise ValueError(f"calibrate_sparse_read_factor measures the CPU kept-row op; this model is on {self.device}")
+        groups = [group for executor in self._layer_executors for group in executor.groups]
+        result = measure_sparse_read_factor(groups, self.space.activation_keep, repeats=repeats)
+        key = f"cpu:{self.cost_model.bytes.weight_dtype}"
+        self.sparse_linear_read_factor[key] = result["factor"]
+        return {"key": key, **result}
 
     @property
     def prepared_weight_bytes(self) -> int:

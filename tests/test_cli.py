@@ -294,6 +294,33 @@ def test_range_prints_what_budget_range_answers(base_dir, sol_config_file, capsy
         assert f"| {length} | {show(uniform)} | {show(policy)} |" in out
 
 
+def test_range_with_calibrate_uses_the_measured_read_factor(base_dir, sol_config_file, capsys, monkeypatch):
+    """--calibrate measures the factor first; the printed range is what budget_range answers with it."""
+    from sol_hf import SolConfig, SolForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(SolForCausalLM, "calibrate_sparse_read_factor", _fixed_calibration)
+    assert main(["range", "--base", str(base_dir), "--sol-config", str(sol_config_file), "--context-lengths", "64",
+                 "--calibrate"]) == 0
+    captured = capsys.readouterr()
+    assert "sparse read factor 4.00" in captured.err
+    model = SolForCausalLM(AutoModelForCausalLM.from_pretrained(base_dir), SolConfig.from_json_file(sol_config_file))
+    shipped = model.budget_range(64, "uniform")[0]
+    _fixed_calibration(model)
+    calibrated = model.budget_range(64, "uniform")[0]
+    assert shipped < 1.0 <= calibrated  # a kept-row op this slow never pays: nothing below 1.0 is reachable
+    assert "| 64 | none below 1.0 |" in captured.out
+
+
+def _fixed_calibration(model):
+    """What calibrate_sparse_read_factor does, with a measured factor of 4.0 (no timing): no keep of the grid pays."""
+    key = f"cpu:{model.cost_model.bytes.weight_dtype}"
+    model.sparse_linear_read_factor[key] = 4.0
+    return {"key": key, "factor": 4.0, "dense_ms": 1.0, "repeats": 1,
+            "levels": {k: {"ms": 1.0, "time_ratio": 4.0 * k, "byte_fraction": k, "factor": 4.0}
+                       for k in model.space.activation_keep if k < 1.0}}
+
+
 def test_generate_without_a_policy_says_what_the_policy_controller_would_do(base_dir, sol_config_file, capsys):
     assert main(["generate", "--base", str(base_dir), "--sol-config", str(sol_config_file), "--prompt", "The quick brown fox",
                  "--budget", "0.9", "--max-new-tokens", "3"]) == 0

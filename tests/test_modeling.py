@@ -392,6 +392,52 @@ def test_report_counts_the_bytes_the_executed_ops_read(backend, monkeypatch):
     assert report.cost.item() < report.nominal_cost.item() + 0.05
 
 
+def test_calibration_measures_the_read_factor_and_moves_path_choice_and_costs(monkeypatch):
+    """calibrate_sparse_read_factor times the dense projections against the kept-row op on the
+    model's own weights. With a clock that charges the dense op one unit per weight byte and the
+    sparse op two per kept byte, the factor is 2.0 at every level; it is stored for the weights'
+    dtype, and from then on keeps with keep x 2 >= 1 run the masked dense projection and cost
+    what dense costs, while lower keeps still run the kept-row op."""
+    import torch.nn.functional as F
+
+    from sol_hf.runtime import calibrate
+
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)  # activation keeps 0.3 / 0.5 / 0.7
+    clock = [0.0]
+    real_linear, real_sparse = F.linear, calibrate.ops.sparse_linear
+
+    def linear(x, weight, bias=None):
+        clock[0] += weight.numel() * weight.element_size()
+        return real_linear(x, weight, bias)
+
+    def sparse(x, weight_t, idx, count, bias=None):
+        clock[0] += 2 * idx.shape[1] * weight_t.shape[1] * weight_t.element_size()
+        return real_sparse(x, weight_t, idx, count, bias)
+
+    monkeypatch.setattr(F, "linear", linear)
+    monkeypatch.setattr(calibrate.ops, "sparse_linear", sparse)
+    monkeypatch.setattr(calibrate.time, "perf_counter", lambda: clock[0])
+    result = model.calibrate_sparse_read_factor(repeats=3)
+    monkeypatch.undo()
+    assert result["key"] == "cpu:float32" and result["factor"] == pytest.approx(2.0, rel=1e-3)
+    for keep, level in result["levels"].items():
+        assert level["time_ratio"] == pytest.approx(2 * level["byte_fraction"], rel=1e-3), keep
+    assert model.sparse_linear_read_factor["cpu:float32"] == pytest.approx(2.0, rel=1e-3)
+
+    calls = []
+    real_bag = torch.nn.functional.embedding_bag
+    monkeypatch.setattr(torch.nn.functional, "embedding_bag", lambda *a, **k: calls.append(1) or real_bag(*a, **k))
+    ids = _ids(1, 40)
+    prefix = model(ids[:, :39], use_cache=True)
+    dense_cost = model.cost_model.cost_table(torch.tensor([40]), False)[0, model.space.dense_index].item()
+    for keep, runs_sparse in ((0.7, False), (0.5, False), (0.3, True)):  # 0.5 x 2 = 1.0: not below the width
+        calls.clear()
+        action = model.space.index_of(1.0, keep, 16)
+        out = model(ids[:, 39:], cache=copy.deepcopy(prefix.cache), actions=torch.tensor([[action]]))
+        assert bool(calls) == runs_sparse, keep
+        assert (out.step_cost.item() < dense_cost - 1e-6) == runs_sparse, keep
+
+
 def test_activation_keeps_whose_sparse_op_would_be_slower_run_dense_and_are_credited_nothing(monkeypatch):
     """Hidden 64: keeps 0.6 / 0.8 keep 39 / 52 channels. At the CPU read factor 1.35, reading 52
     rows sparsely is slower than 64 densely, so keep 0.8 runs the masked dense projection and
