@@ -64,6 +64,7 @@ class HostPlan:
     activation_index: tuple[int, ...]
     attention_keep: tuple[float, ...]
     bits: tuple[int, ...]
+    activations_dense: bool = False  # every row keeps every input channel of every pruned projection
 
     @property
     def any_quant(self) -> bool:
