@@ -666,8 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(g, "policy artifact folder (needed for --controller policy to mean anything)")
     g.add_argument("--prompt", required=True, help="the text to continue")
     g.add_argument("--budget", type=_budget_arg, default=None, help=f"{_HELP_BUDGET}; omitted = dense")
-    g.add_argument("--controller", choices=("policy", "uniform", "random"), default="policy",
-                   help="who picks each step's action: the policy (default), the uniform schedule or random actions")
+    g.add_argument("--controller", choices=("policy", "uniform", "random", "surprise"), default="policy",
+                   help="who picks each step's action: the policy (default), the uniform schedule, random actions, or "
+                        "the surprise rule (the cheapest action after tokens the base model saw coming, else dense)")
     g.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=40, help="tokens to generate (default 40)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random controller")
     g.add_argument("--calibrate", action="store_true", help=_HELP_CALIBRATE)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.utils import ModelOutput
 
 from . import ops
-from .actions import ActionSpace, CostModel
+from .actions import ActionSpace, CostModel, kept_count, read_factor, sparse_linear_pays
 from .adapters import adapter_for
 from .budget import BudgetTargets, parse_compute_budget
 from .cache import page_bounds_cache
@@ -39,6 +40,7 @@ from .policy import (
     PolicyController,
     RandomController,
     SolPolicy,
+    SurpriseRuleController,
     UniformController,
     policy_hidden_size_for,
 )
@@ -314,7 +316,9 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         )
 
     def make_controller(self, controller: str | Controller | None, **kwargs) -> Controller:
-        """``"policy"``, ``"uniform"``, ``"random"`` or a :class:`Controller` instance."""
+        """``"policy"``, ``"uniform"``, ``"random"``, ``"surprise"`` (:class:`SurpriseRuleController`:
+        the cheapest action after tokens the base model saw coming, else dense) or a
+        :class:`Controller` instance."""
         if isinstance(controller, Controller):
             return controller
         if controller is None:
@@ -327,7 +331,9 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             return UniformController(self.space)
         if controller == "random":
             return RandomController(self.space, **kwargs)
-        raise ValueError(f"controller must be 'policy', 'uniform', 'random' or a Controller, got {controller!r}")
+        if controller == "surprise":
+            return SurpriseRuleController(self.space, **kwargs)
+        raise ValueError(f"controller must be 'policy', 'uniform', 'random', 'surprise' or a Controller, got {controller!r}")
 
     # -- explicit schedules ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -452,6 +458,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         ctrl = self.make_controller(controller, **(controller_kwargs or {}))
         attention_mask = kwargs.get("attention_mask")
         self._check_reachable(targets, input_ids, attention_mask, ctrl)
+        self._warn_if_the_batch_cannot_save(input_ids.shape[0])
         device = self.device
         targets = BudgetTargets(targets.values.to(device), targets.is_set.to(device))
         max_new_tokens = kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens
@@ -496,6 +503,23 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             raise ValueError(
                 f"controlled generation runs with a DynamicCache or a StaticCache, got a {type(given).__name__}. "
                 "Pass one of those, or use compute_budget=1.0 (the base model, any cache)."
+            )
+
+    def _warn_if_the_batch_cannot_save(self, batch: int) -> None:
+        """Warn where the rows of a batch, each at the grid's lowest activation keep, would together
+        read at least a whole projection with the kept-row op on this CPU: then every pruned
+        projection runs dense (``cost`` 1.0) and the channel selection only adds work."""
+        if batch < 2 or self.sol_config.quantize == "weights" or ops.use_triton(None, torch.empty(0, device=self.device)):
+            return  # int8 rows always read their own kept rows; the Triton kernel reads each row's own
+        factor = read_factor(self.sparse_linear_read_factor, self.device.type, self.cost_model.bytes.weight_dtype)
+        widths = [w for site in self.cost_model.bytes.sites for w in site.widths]
+        if widths and all(not sparse_linear_pays(batch * kept_count(min(self.space.activation_keep), w), w, factor) for w in widths):
+            warnings.warn(
+                f"a batch of {batch} rows on {self.device.type}: at every activation keep the rows' kept channels together "
+                f"read at least the whole weight (sparse read factor {factor:g}), so the pruned projections run dense and "
+                "the budget saves no weight bytes (report.cost stays near 1.0 while standalone_cost meets the target) "
+                "and adds selection work; decode rows one at a time to save time on this backend",
+                stacklevel=3,
             )
 
     def _wants_page_bounds(self, kwargs: dict, final_length: int) -> bool:

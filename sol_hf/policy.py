@@ -448,16 +448,20 @@ class SurpriseRuleController(Controller):
     Args:
         space: the model's action space.
         full, cheap: (attention keep, activation keep, bits) of the two actions; ``cheap`` must be the
-            cheaper one.
+            cheaper one. Defaults: the dense action, and the grid's lowest level on every axis (so
+            every budget the uniform ladder reaches is reachable; ``sol_hf.evaluation``'s sweep passes
+            the best static pair instead).
     """
 
+    name = "surprise"
     needs_lm_confidence = True
 
-    def __init__(self, space: ActionSpace, full: tuple[float, float, int] = (1.0, 1.0, 16),
-                 cheap: tuple[float, float, int] = (1.0, 0.4, 16)):
+    def __init__(self, space: ActionSpace, full: tuple[float, float, int] | None = None,
+                 cheap: tuple[float, float, int] | None = None):
         super().__init__(space)
-        self.full = space.index_of(*full)
-        self.cheap = space.index_of(*cheap)
+        self.full = space.dense_index if full is None else space.index_of(*full)
+        self.cheap = (space.index_of(min(space.attention_keep), min(space.activation_keep), min(space.bits))
+                      if cheap is None else space.index_of(*cheap))
         if self.full == self.cheap:
             raise ValueError(f"full and cheap must be different actions, got {full} twice")
         self.surprise_sum: torch.Tensor | None = None

@@ -164,3 +164,24 @@ def test_surprise_rule_saves_after_unsurprising_tokens_and_matches_in_generate()
         model.generate(context, max_new_tokens=3, compute_budget={"activation": 0.6}, controller=rule)
     with pytest.raises(ValueError, match="different actions"):
         SurpriseRuleController(model.space, full=(1.0, 0.4, 16), cheap=(1.0, 0.4, 16))
+
+
+def test_the_surprise_rule_by_name_plays_dense_and_the_grids_cheapest_action():
+    """``controller="surprise"`` in generate: the rule with its defaults, the dense action and the
+    grid's lowest level on every axis, on any grid (the default one has no 0.4 keep); it meets a
+    budget between the two actions' costs and reports itself by name."""
+    from sol_hf import SolConfig, SolForCausalLM, SurpriseRuleController
+
+    model = SolForCausalLM(tiny_model("llama", intermediate_size=768), SolConfig(page_size=4, sink_tokens=2, recent_tokens=4,
+                                                                                   policy_hidden_size=64))
+    rule = SurpriseRuleController(model.space)
+    assert rule.full == model.space.dense_index
+    assert rule.cheap == model.space.index_of(min(model.space.attention_keep), min(model.space.activation_keep), 16)
+    context = torch.randint(3, 90, (2, CONTEXT), generator=torch.Generator().manual_seed(4))
+    costs = model.cost_model.cost_table(torch.tensor([CONTEXT + 1]), False)[0]
+    budget = float(costs[rule.cheap] + costs[rule.full]) / 2
+    model.generate(context, max_new_tokens=25, do_sample=False, compute_budget=budget, controller="surprise")
+    report = model.last_compute_report
+    assert report.controller == "surprise"
+    assert report.standalone_cost.sub(budget).abs().max() < 0.05
+    assert 0.0 < float(report.activation_keep.min()) and float(report.activation_keep.max()) < 1.0  # both actions played

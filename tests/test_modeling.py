@@ -868,3 +868,23 @@ def test_max_length_plans_the_controlled_steps_like_max_new_tokens(monkeypatch):
     by_new = model.generate(ids, compute_budget=0.9, controller="uniform", max_new_tokens=7, do_sample=False)
     assert planned == [6, 6] and torch.equal(by_length, by_new)
     assert model.last_compute_report.controlled_steps == 6
+
+
+def test_a_batch_whose_rows_together_read_every_weight_row_is_warned(recwarn):
+    """On CPU, 4 rows at the lowest keep (0.3 of 64 and 768 channels) read 4 x 0.3 x 1.35 > 1 of
+    every projection with the kept-row op, so every pruned projection runs dense: generate says so.
+    Two rows still save (2 x 0.3 x 1.35 < 1): no warning."""
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
+
+    floor = model.budget_range(31)[0]
+
+    def warned(batch):
+        recwarn.clear()
+        model.generate(_ids(batch, 30), max_new_tokens=3, do_sample=False, compute_budget=floor + 0.01)  # the lowest keeps
+        return [w for w in recwarn if "saves no weight bytes" in str(w.message)]
+
+    assert len(warned(4)) == 1
+    assert model.last_compute_report.cost.min() > 0.99  # as warned: nothing saved
+    assert not warned(2)
+    assert model.last_compute_report.cost.max() < 0.9
+    assert not warned(1)
