@@ -7,6 +7,7 @@ actions from it and add the bytes they actually read to its counters.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,11 +67,11 @@ class HostPlan:
     bits: tuple[int, ...]
     activations_dense: bool = False  # every row keeps every input channel of every pruned projection
 
-    @property
+    @functools.cached_property  # read by every projection and attention call of the step
     def any_quant(self) -> bool:
         return any(b < 16 for b in self.bits)
 
-    @property
+    @functools.cached_property
     def all_attention_dense(self) -> bool:
         return all(k >= 1.0 for k in self.attention_keep)
 
