@@ -528,7 +528,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         page-sparse attention can run (it does at some context length up to ``final_length``; the
         saving grows with length, so checking the last one suffices)."""
         if (self.sol_config.selection != "quest" or any(k in kwargs for k in ("cache", "past_key_values"))
-                or _cache_implementation(kwargs, self.generation_config) not in (None, "dynamic")):
+                or _cache_implementation(kwargs, self.generation_config) not in (None, "dynamic", "hybrid")):
             return False
         length = torch.tensor([final_length], device=self.device)
         keep = torch.tensor(min(self.space.attention_keep), device=self.device)

@@ -800,12 +800,17 @@ def test_a_static_caches_dense_attention_is_charged_its_whole_buffer():
 
 def test_a_checkpoints_hybrid_cache_default_decodes_with_a_dynamic_cache():
     """Gemma checkpoints ship ``cache_implementation="hybrid"`` in their generation config;
-    transformers decodes those with its default dynamic cache, and so does a controlled generate."""
+    transformers decodes those with its default dynamic cache, and so does a controlled generate
+    (the one that keeps Quest page bounds, so the same bytes are read)."""
     model = SolForCausalLM(tiny_model("gemma3_text", **WIDE), WIDE_CONFIG)
+    model.attention_overhead_bytes["cpu"] = 0.0  # page-sparse attention runs, from cached page bounds
     ids = _ids(1, 30)
     expected = model.generate(ids, max_new_tokens=6, do_sample=False, compute_budget=0.7)
+    expected_report = model.last_compute_report
     model.generation_config.cache_implementation = "hybrid"
     assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, compute_budget=0.7), expected)
+    torch.testing.assert_close(model.last_compute_report.cost, expected_report.cost)
+    torch.testing.assert_close(model.last_compute_report.attention_read, expected_report.attention_read)
 
 
 def test_a_quantized_cache_is_refused_clearly():
