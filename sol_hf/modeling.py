@@ -436,7 +436,9 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             controller_kwargs: passed to the controller (e.g. ``do_sample``, ``seed``, ``budget_guard``).
             **kwargs: everything ``transformers`` ``generate`` accepts.
 
-        After the call, ``self.last_compute_report`` holds the per-row achieved values.
+        After the call, ``self.last_compute_report`` holds the per-row achieved values, one row per
+        output sequence (with ``num_return_sequences=n``, the n sequences of a prompt row are
+        consecutive rows and share its budget).
         """
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
@@ -458,17 +460,19 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         ctrl = self.make_controller(controller, **(controller_kwargs or {}))
         attention_mask = kwargs.get("attention_mask")
         self._check_reachable(targets, input_ids, attention_mask, ctrl)
-        self._warn_if_the_batch_cannot_save(input_ids.shape[0])
+        # transformers decodes num_return_sequences copies of each prompt row, next to each other
+        copies = int(self._generation_setting(kwargs, "num_return_sequences") or 1)
+        self._warn_if_the_batch_cannot_save(input_ids.shape[0] * copies)
         device = self.device
-        targets = BudgetTargets(targets.values.to(device), targets.is_set.to(device))
-        max_new_tokens = kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens
+        targets = BudgetTargets(targets.values.to(device), targets.is_set.to(device)).repeat_interleave(copies)
+        max_new_tokens = self._generation_setting(kwargs, "max_new_tokens")
         if max_new_tokens is None:  # transformers' rule: max_length counts the prompt too
-            max_length = kwargs.get("max_length") or self.generation_config.max_length or 20
+            max_length = self._generation_setting(kwargs, "max_length") or 20
             max_new_tokens = max(1, max_length - input_ids.shape[1])
         # The first new token comes from the (dense) prefill: max_new_tokens - 1 controlled steps.
         session = _GenerateSession(ControlledStep(self, ctrl, targets, max_new_tokens - 1, dense_rows=targets.is_dense))
         if attention_mask is not None and not bool(attention_mask[:, 0].all()):  # once, before decoding
-            session.left_padding = _left_padding(attention_mask.to(device))
+            session.left_padding = _left_padding(attention_mask.to(device)).repeat_interleave(copies)
         session.total_length = input_ids.shape[1]
         if self._wants_page_bounds(kwargs, input_ids.shape[1] + max_new_tokens):
             kwargs["cache"] = page_bounds_cache(self.config, self.sol_config.page_size)
@@ -487,12 +491,22 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         self.last_compute_report = session.step.report()
         return output
 
+    def _generation_setting(self, kwargs: dict, name: str):
+        """The value of generation setting ``name`` that transformers' ``generate`` will use: the
+        call's keyword, else the ``generation_config`` passed to the call, else the model's."""
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+        given = kwargs.get("generation_config")
+        if given is not None and getattr(given, name, None) is not None:
+            return getattr(given, name)
+        return getattr(self.generation_config, name, None)
+
     def _check_cache(self, kwargs: dict) -> None:
         """Refuse a KV cache controlled decoding cannot account for: a quantized or paged cache (its
         K/V are read at another precision than attention sees) or an unknown cache class. Dynamic,
         offloaded and static caches (``cache_implementation="static"``, a ``StaticCache``) decode."""
         given = kwargs.get("cache", kwargs.get("past_key_values"))
-        implementation = _cache_implementation(kwargs, self.generation_config)
+        implementation = self._generation_setting(kwargs, "cache_implementation")
         if implementation not in _CONTROLLED_CACHE_IMPLEMENTATIONS:
             raise ValueError(
                 f"controlled generation runs with a dynamic, offloaded or static KV cache, got cache_implementation="
@@ -528,7 +542,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         page-sparse attention can run (it does at some context length up to ``final_length``; the
         saving grows with length, so checking the last one suffices)."""
         if (self.sol_config.selection != "quest" or any(k in kwargs for k in ("cache", "past_key_values"))
-                or _cache_implementation(kwargs, self.generation_config) not in (None, "dynamic", "hybrid")):
+                or self._generation_setting(kwargs, "cache_implementation") not in (None, "dynamic", "hybrid")):
             return False
         length = torch.tensor([final_length], device=self.device)
         keep = torch.tensor(min(self.space.attention_keep), device=self.device)
@@ -614,13 +628,6 @@ class _GenerateSession:
 _CONTROLLED_CACHE_IMPLEMENTATIONS = (
     None, "dynamic", "offloaded", "hybrid", "static", "offloaded_static", "sliding_window", "offloaded_hybrid",
 )
-
-
-def _cache_implementation(kwargs: dict, generation_config) -> str | None:
-    """The ``cache_implementation`` generate will use: the call's, else the model's default."""
-    if "cache_implementation" in kwargs:
-        return kwargs["cache_implementation"]
-    return getattr(generation_config, "cache_implementation", None)
 
 
 def _left_padding(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -893,3 +893,30 @@ def test_a_batch_whose_rows_together_read_every_weight_row_is_warned(recwarn):
     assert not warned(2)
     assert model.last_compute_report.cost.max() < 0.9
     assert not warned(1)
+
+
+def test_num_return_sequences_decodes_each_copy_under_its_prompts_budget():
+    """``num_return_sequences=3`` under per-row budgets: the same sequences and report as
+    generating the prompts repeated three times each (transformers expands the batch inside
+    generate; the budgets and left padding follow its rows)."""
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
+    ids = _ids(2, 30)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    budgets = torch.tensor([0.7, 0.9])
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.5, pad_token_id=0)
+    torch.manual_seed(3)
+    expanded = model.generate(ids, attention_mask=mask, num_return_sequences=3, compute_budget=budgets, **kw)
+    report = model.last_compute_report
+    torch.manual_seed(3)
+    repeated = model.generate(ids.repeat_interleave(3, 0), attention_mask=mask.repeat_interleave(3, 0),
+                              compute_budget=budgets.repeat_interleave(3), **kw)
+    assert torch.equal(expanded, repeated)
+    for name in ("cost", "standalone_cost", "activation_keep", "target"):
+        torch.testing.assert_close(getattr(report, name), getattr(model.last_compute_report, name))
+    assert report.target.tolist() == pytest.approx([0.7] * 3 + [0.9] * 3)
+    from transformers import GenerationConfig  # the same setting inside a GenerationConfig
+
+    torch.manual_seed(3)
+    config = GenerationConfig(num_return_sequences=3, max_new_tokens=8, do_sample=True, temperature=1.5, pad_token_id=0)
+    assert torch.equal(model.generate(ids, attention_mask=mask, generation_config=config, compute_budget=budgets), expanded)
