@@ -454,6 +454,9 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         self._check_cache(kwargs)
         if kwargs.get("num_beams", 1) not in (None, 1) or kwargs.get("assistant_model") is not None:
             raise ValueError("controlled generation supports greedy and sampling decoding, not beam search or assisted decoding")
+        if self._generation_setting(kwargs, "prefill_chunk_size"):
+            raise ValueError("controlled generation prefills the prompt in one forward; drop prefill_chunk_size "
+                             "(or use compute_budget=1.0, the base model)")
         if kwargs.get("adapter_names") is not None:
             raise ValueError("controlled generation runs the PEFT model's active adapters; per-row adapter_names are not supported")
         self._follow_adapters()

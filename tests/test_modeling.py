@@ -814,10 +814,13 @@ def test_a_checkpoints_hybrid_cache_default_decodes_with_a_dynamic_cache():
 
 
 def test_a_quantized_cache_is_refused_clearly():
-    """A quantized KV cache is read at another precision than the byte accounting counts."""
+    """A quantized KV cache is read at another precision than the byte accounting counts; a
+    chunked prefill would look like decode steps to the controlled step."""
     model = SolForCausalLM(tiny_model("llama"), SMALL)
     with pytest.raises(ValueError, match="quantized"):
         model.generate(_ids(1, 20), max_new_tokens=3, compute_budget=0.9, cache_implementation="quantized")
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        model.generate(_ids(1, 20), max_new_tokens=3, compute_budget=0.9, prefill_chunk_size=8)
     with pytest.raises(ValueError, match="DynamicCache or a StaticCache"):
         model.generate(_ids(1, 20), max_new_tokens=3, compute_budget=0.9, past_key_values=object())
 
