@@ -129,7 +129,8 @@ A family found by structure but not listed here gets a warning when wrapped. Ref
   an explicit `ModelAdapter` entry in `sol_hf.adapters.ADAPTERS` names them instead.
 
 Not supported yet: beam search and assisted decoding under a budget (refused with an error),
-`use_cache=False` under a budget (refused), per-expert activation sparsity in MoE MLPs.
+`use_cache=False`, a chunked prefill (`prefill_chunk_size`) or a quantized KV cache under a budget
+(refused), per-expert activation sparsity in MoE MLPs.
 """
 
 
