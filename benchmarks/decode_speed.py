@@ -14,6 +14,8 @@ against the executed cost (``sol_hf.evaluation.plot_speed``; needs matplotlib, t
     python benchmarks/decode_speed.py --model llama-1b-shape --dtype bfloat16 --context 512 --new-tokens 16
     python benchmarks/decode_speed.py --model llama-8b-shape --device cuda --dtype bfloat16 --context 8192
     python benchmarks/decode_speed.py --model smollm2 --lora-rank 16   # a PEFT LoRA model as the base
+    python benchmarks/decode_speed.py --model smollm2 --cache static --calibrate  # both decode with a StaticCache;
+                                                     # the CPU read factor measured on the model first
 
 Models: ``smollm2`` (the embedded real SmolLM2-135M-Instruct, real text prompts) or random-weight
 Llama shapes ``llama-1b-shape`` (Llama-3.2-1B) and ``llama-8b-shape`` (Llama-3.1-8B).
