@@ -65,7 +65,6 @@ class HostPlan:
     activation_index: tuple[int, ...]
     attention_keep: tuple[float, ...]
     bits: tuple[int, ...]
-    activations_dense: bool = False  # every row keeps every input channel of every pruned projection
 
     @functools.cached_property  # read by every projection and attention call of the step
     def any_quant(self) -> bool:

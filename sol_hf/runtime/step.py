@@ -185,5 +185,4 @@ def host_plan(values: dict[str, torch.Tensor]) -> HostPlan:
         activation_index=tuple(values["activation_index"].tolist()),
         attention_keep=tuple(values["attention_keep"].tolist()),
         bits=tuple(values["bits"].tolist()),
-        activations_dense=bool((values["activation_keep"] >= 1.0).all()),
     )
