@@ -499,9 +499,10 @@ def _calibrate(model, wanted: bool) -> None:
     """With ``--calibrate``: measure this machine's sparse read factor (CPU) and say what it is."""
     if not wanted:
         return
-    if model.device.type != "cpu":
-        raise CLIError(f"--calibrate measures the CPU kept-row op; the model is on {model.device} (drop --calibrate)")
-    result = model.calibrate_sparse_read_factor()
+    try:
+        result = model.calibrate_sparse_read_factor()
+    except ValueError as err:  # not on the CPU
+        raise CLIError(f"--calibrate: {_one_line(err)} (drop --calibrate)") from None
     levels = ", ".join(f"keep {k:g}: {v['time_ratio']:.2f}" for k, v in result["levels"].items())
     print(f"sol-hf: calibrated {result['key']} sparse read factor {result['factor']:.2f} (kept-row op time / dense "
           f"projections: {levels})", file=sys.stderr)
