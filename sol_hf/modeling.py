@@ -465,9 +465,9 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         self._check_reachable(targets, input_ids, attention_mask, ctrl)
         # transformers decodes num_return_sequences copies of each prompt row, next to each other
         copies = int(self._generation_setting(kwargs, "num_return_sequences") or 1)
-        self._warn_if_the_batch_cannot_save(input_ids.shape[0] * copies)
         device = self.device
         targets = BudgetTargets(targets.values.to(device), targets.is_set.to(device)).repeat_interleave(copies)
+        self._warn_if_the_batch_cannot_save(targets)
         max_new_tokens = self._generation_setting(kwargs, "max_new_tokens")
         if max_new_tokens is None:  # transformers' rule: max_length counts the prompt too
             max_length = self._generation_setting(kwargs, "max_length") or 20
@@ -522,11 +522,13 @@ class SolForCausalLM(SolHubMixin, nn.Module):
                 "Pass one of those, or use compute_budget=1.0 (the base model, any cache)."
             )
 
-    def _warn_if_the_batch_cannot_save(self, batch: int) -> None:
-        """Warn where the rows of a batch, each at the grid's lowest activation keep, would together
-        read at least a whole projection with the kept-row op on this CPU: then every pruned
-        projection runs dense (``cost`` 1.0) and the channel selection only adds work."""
-        if batch < 2 or self.sol_config.quantize == "weights" or ops.use_triton(None, torch.empty(0, device=self.device)):
+    def _warn_if_the_batch_cannot_save(self, targets: BudgetTargets) -> None:
+        """Warn where the rows of a batch (``targets``, on the model's device), each at the grid's
+        lowest activation keep, would together read at least a whole projection with the kept-row
+        op on this CPU: then every pruned projection runs dense (``cost`` 1.0) and the channel
+        selection only adds work."""
+        batch = targets.batch_size
+        if batch < 2 or self.sol_config.quantize == "weights" or ops.use_triton(None, targets.values):
             return  # int8 rows always read their own kept rows; the Triton kernel reads each row's own
         factor = read_factor(self.sparse_linear_read_factor, self.device.type, self.cost_model.bytes.weight_dtype)
         widths = [w for site in self.cost_model.bytes.sites for w in site.widths]
