@@ -4,7 +4,7 @@ costs per byte against the dense projection (the CPU ``sparse_linear_read_factor
 The runtime runs a pruned projection with the kept-row op only where ``kept rows x factor <
 all rows``; elsewhere the dense projection runs on the pruned input and is charged in full. The
 shipped factors are one machine's figures, and the ratio moves with the CPU, its memory and its
-load (on this project's 2-core machine it measured 1.0-1.1 one day and about 1.5 another). With a
+load (on this project's 2-core machine it measured 1.0-1.1 one day and 1.6-1.8 another). With a
 stale factor a budget can run the sparse op where it is slower than the dense projection, and
 decode more slowly than the base model. :func:`measure_sparse_read_factor` times, alternating in
 one process, one decode row through every pruned projection of every layer: the dense
