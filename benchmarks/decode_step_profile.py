@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
-import platform
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from _run_info import run_info
 
 
 def main() -> None:
@@ -45,15 +44,9 @@ def main() -> None:
         prefix = model(ids[:, : args.context], use_cache=True)
     actions = {"dense": model.space.dense_index,
                f"activation_keep_{args.keep:g}_bits_{args.bits}": model.space.index_of(1.0, args.keep, args.bits)}
-    result = {
-        "benchmark": "decode_step_profile",
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "load_average": list(os.getloadavg()),
-        "command": f"python benchmarks/decode_step_profile.py --context {args.context} --steps {args.steps} "
-                   f"--keep {args.keep:g} --bits {args.bits} --preset {args.preset} --top {args.top}",
-        "actions": {},
-    }
+    result = run_info("decode_step_profile", f"python benchmarks/decode_step_profile.py --context {args.context} "
+                      f"--steps {args.steps} --keep {args.keep:g} --bits {args.bits} --preset {args.preset} --top {args.top}")
+    result["actions"] = {}
     for name, action in actions.items():
         caches = [copy.deepcopy(prefix.cache) for _ in range(args.steps + 1)]
         with torch.no_grad():

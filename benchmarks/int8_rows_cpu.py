@@ -17,16 +17,14 @@ layers (median of ``--repeats``) and the bytes each pass reads, so GB/s.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from _run_info import run_info
 from sol_hf.ops import quantize_int8
 from sol_hf.ops.int8_linear import sparse_linear_int8_rows
 
@@ -73,15 +71,9 @@ def main() -> None:
         ms = statistics.median(times[name])
         rows[name] = {"ms": round(ms, 2), "mb_read": round(read[name] / 1e6, 1), "gb_per_s": round(read[name] / ms / 1e6, 2),
                       "time_over_dense": round(ms / statistics.median(times["dense"]), 3)}
-    result = {
-        "benchmark": "int8_rows_cpu",
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "load_average": list(os.getloadavg()),
-        "command": f"python benchmarks/int8_rows_cpu.py --layers {args.layers} --repeats {args.repeats}"
-                   + (f" --threads {args.threads}" if args.threads else ""),
-        "variants": rows,
-    }
+    result = run_info("int8_rows_cpu", f"python benchmarks/int8_rows_cpu.py --layers {args.layers} --repeats {args.repeats}"
+                      + (f" --threads {args.threads}" if args.threads else ""))
+    result["variants"] = rows
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
