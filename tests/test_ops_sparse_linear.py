@@ -129,8 +129,9 @@ def test_sparse_linear_rows_matches_naive_and_reads_only_kept_rows(dtype, bias, 
     """The CPU executed path (``embedding_bag`` over kept rows): per-row counts, a row that keeps
     everything, one that keeps nothing; rows of W_t no row keeps are never read (poisoned with NaN),
     and the rows the op hands to ``embedding_bag`` are exactly the kept ones."""
-    # With more threads than rows, each row's output is split into column blocks (one bag each);
-    # the split is kept for rows reading megabytes, so lower its threshold for this small weight.
+    # With more threads than rows, each row's kept channels are split into several bags whose
+    # partial sums are added; the split is kept for rows reading megabytes, so lower its threshold
+    # for this small weight.
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads * 4)
     monkeypatch.setattr(sys.modules["sol_hf.ops.sparse_linear"], "_SPLIT_FROM_BYTES", 0)
     x, weight, b = make(4, 96, 40, dtype, bias=bias)
@@ -141,6 +142,9 @@ def test_sparse_linear_rows_matches_naive_and_reads_only_kept_rows(dtype, bias, 
     ref = sparse_linear_naive(x, weight_t, idx, c, b)
     tol = TOL[dtype] * 4
     torch.testing.assert_close(sparse_linear_rows(x, weight_t, idx, c, b), ref, atol=tol, rtol=tol)
+    every = torch.full((4,), 33)  # every row keeps its first 33 candidates: the fixed-size bags
+    torch.testing.assert_close(sparse_linear_rows(x, weight_t, idx[:, :33], None, b),
+                               sparse_linear_naive(x, weight_t, idx, every, b), atol=tol, rtol=tol)
     partial = torch.tensor([30, 50, 0, 7])  # row 1 now keeps 50, so not every row of W_t is read
     read = torch.zeros(96, dtype=torch.bool)
     for n in range(4):

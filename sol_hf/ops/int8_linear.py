@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ._backend import use_triton
-from .sparse_linear import _bag_offsets, sparse_linear, sparse_linear_naive
+from .sparse_linear import _uniform_offsets, sparse_linear, sparse_linear_naive
 
 __all__ = [
     "Int8Weight",
@@ -178,7 +178,7 @@ def sparse_linear_int8_rows(x, weight: Int8Weight, channel_idx, channel_count, b
         else:
             rows = (idx.unsqueeze(1) * groups + _group_offsets(groups, idx.device)).reshape(-1)  # (N * NG * K,)
             sample = xs.unsqueeze(1).expand(-1, groups, -1).reshape(-1)
-        offsets = _bag_offsets(n_rows * groups, n_idx, idx.device)
+        offsets = _uniform_offsets(n_rows * groups, n_idx, 1, idx.device)
     else:  # each row's bags hold its first count[n] candidates
         rows = idx.unsqueeze(1) * groups + _group_offsets(groups, idx.device)  # (N, NG, K)
         sample = xs.unsqueeze(1).expand(-1, groups, -1)

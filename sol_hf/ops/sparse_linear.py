@@ -87,43 +87,35 @@ def sparse_linear_naive(
     return y.to(x.dtype)
 
 
-# Below this many weight bytes read per row, one thread per row reads faster than splitting each
-# row's columns across threads (the split's extra index arithmetic costs more than it saves; on
-# this project's 2-core machine, cold weights: 576 x 576 at keep 0.3 took 68 us in one bag and
-# 83 us split in two, 576 x 3072 at keep 0.5 took 468 us in one bag and 346 us split).
+# Below this many weight bytes read per row, one thread per row reads faster than splitting the
+# row's work across threads (waking the other threads and adding their partial outputs costs more
+# than it saves). Above it, each row's kept channels are split into this many bags per intra-op
+# thread (two balance the threads better than one when a core is shared).
+# benchmarks/sparse_linear_cpu.py measures both choices on cold weights.
 _SPLIT_FROM_BYTES = 1.5 * 2**20
-_PART_OFFSETS: dict[tuple[int, torch.device], torch.Tensor] = {}
+_BAGS_PER_THREAD = 2
+_BAG_OFFSETS: dict[tuple, torch.Tensor] = {}
 
 
-def _column_parts(n_rows: int, d_out: int, bytes_per_row: float) -> int:
-    """Column blocks per row so that rows x blocks covers the intra-op threads (1 if ``d_out``
-    does not split evenly, or a row reads too few bytes for the split to pay)."""
+def _bags_per_row(n_rows: int, bytes_per_row: float) -> int:
+    """Bags each row's kept channels are split into so that rows x bags covers the intra-op
+    threads ``_BAGS_PER_THREAD`` times (``embedding_bag`` runs its bags in parallel); 1 where a row
+    reads under ``_SPLIT_FROM_BYTES`` or there are enough rows already."""
     if bytes_per_row < _SPLIT_FROM_BYTES:
         return 1
-    parts = max(1, torch.get_num_threads() // max(n_rows, 1))
-    while parts > 1 and d_out % parts:
-        parts -= 1
-    return parts
+    return max(1, _BAGS_PER_THREAD * torch.get_num_threads() // max(n_rows, 1))
 
 
-_BAG_OFFSETS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-
-
-def _bag_offsets(bags: int, size: int, device: torch.device) -> torch.Tensor:
-    """(bags,) int64 start of each of ``bags`` fixed-size bags in a flat index list, made once
-    (what ``embedding_bag`` would otherwise build with ``arange`` on every call)."""
-    key = (bags, size, device)
+def _uniform_offsets(rows: int, n_idx: int, parts: int, device: torch.device) -> torch.Tensor:
+    """(rows * parts,) int64 start of each bag in a flat (rows * n_idx) index list where every row
+    uses all ``n_idx`` entries, split into ``parts`` runs of ``n_idx // parts`` (the last takes the
+    rest); made once per shape (what ``embedding_bag`` would otherwise need ``arange`` for on every
+    call)."""
+    key = (rows, n_idx, parts, device)
     if key not in _BAG_OFFSETS:
-        _BAG_OFFSETS[key] = torch.arange(0, bags * size, size, device=device)
+        row_start = torch.arange(0, rows * n_idx, n_idx, device=device).unsqueeze(1)
+        _BAG_OFFSETS[key] = (row_start + torch.arange(parts, device=device) * (n_idx // parts)).reshape(-1)
     return _BAG_OFFSETS[key]
-
-
-def _part_offsets(parts: int, device: torch.device) -> torch.Tensor:
-    """(1, parts, 1) int64 ``0..parts-1`` on ``device``, made once."""
-    key = (parts, device)
-    if key not in _PART_OFFSETS:
-        _PART_OFFSETS[key] = torch.arange(parts, device=device).view(1, parts, 1)
-    return _PART_OFFSETS[key]
 
 
 def sparse_linear_rows(
@@ -137,39 +129,34 @@ def sparse_linear_rows(
 
     ``y[n]`` is a weighted sum of the ``count[n]`` rows of ``W_t`` that row ``n`` keeps, which is
     exactly what ``F.embedding_bag(mode="sum", per_sample_weights=...)`` computes while reading
-    only those rows (one bag per row; rows do not share reads, so the op reads
-    ``sum_n count[n]`` weight rows). Same arguments and result as the reference up to float
-    summation order. Reads ``channel_count`` on the host once (free on CPU, where this path runs);
-    ``channel_count=None`` means every row uses all K candidates (no read).
+    only those rows (rows do not share reads, so the op reads ``sum_n count[n]`` weight rows).
+    ``embedding_bag`` runs its bags in parallel: with fewer rows than threads, each row's kept
+    channels are split into several bags (whole weight rows each) whose partial sums are then
+    added. Same arguments and result as the reference up to float summation order (in bf16 /
+    fp16 the partial sums are rounded before they are added). Reads ``channel_count`` on the host
+    once (free on CPU, where this path runs); ``channel_count=None`` means every row uses all K
+    candidates.
     """
     n_rows, n_idx = channel_idx.shape
-    d_in, d_out = weight_t.shape
+    d_out = weight_t.shape[1]
     idx = channel_idx if channel_idx.dtype == torch.long else channel_idx.long()
     weights = torch.gather(x, 1, idx)
     if weights.dtype != weight_t.dtype:
         weights = weights.to(weight_t.dtype)
     counts = None if channel_count is None else channel_count.clamp(0, n_idx)
-    # embedding_bag parallelises over bags: with fewer rows than threads, split every row's output
-    # into ``parts`` column blocks, each a bag over the same channels of a (Din * parts, Dout /
-    # parts) view of W_t (free: W_t is row-major), so every thread reads its share of each row.
-    row_bytes = n_idx * d_out * weight_t.element_size()
-    parts = _column_parts(n_rows, d_out, row_bytes) if weight_t.is_contiguous() else 1
-    if parts > 1:
-        weight_t = weight_t.view(d_in * parts, d_out // parts)
-        idx = (idx.unsqueeze(1) * parts + _part_offsets(parts, idx.device)).view(-1, n_idx)
-        weights = weights.unsqueeze(1).expand(-1, parts, -1).reshape(-1, n_idx)
-        if counts is not None:
-            counts = counts.repeat_interleave(parts)
-    if counts is None or bool((counts == n_idx).all()):  # every row uses all its candidates: fixed-size bags
-        bags = idx.shape[0]
-        out = F.embedding_bag(idx.reshape(-1), weight_t, _bag_offsets(bags, n_idx, idx.device), mode="sum",
-                              per_sample_weights=weights.reshape(-1))
-    else:
+    if counts is not None and bool((counts == n_idx).all()):
+        counts = None  # every row uses all its candidates: fixed-size bags
+    parts = _bags_per_row(n_rows, n_idx * d_out * weight_t.element_size())
+    if counts is None:
+        offsets = _uniform_offsets(n_rows, n_idx, parts, x.device)
+        out = F.embedding_bag(idx.reshape(-1), weight_t, offsets, mode="sum", per_sample_weights=weights.reshape(-1))
+    else:  # row n's bags hold its first count[n] candidates, split into ``parts`` runs
         used = torch.arange(n_idx, device=x.device) < counts.unsqueeze(-1)
-        offsets = torch.cumsum(counts, 0) - counts
+        row_start = (torch.cumsum(counts, 0) - counts).unsqueeze(1)
+        offsets = (row_start + torch.arange(parts, device=x.device) * (counts // parts).unsqueeze(1)).reshape(-1)
         out = F.embedding_bag(idx[used], weight_t, offsets, mode="sum", per_sample_weights=weights[used])
     if parts > 1:
-        out = out.view(n_rows, d_out)
+        out = out.view(n_rows, parts, d_out).sum(1)
     if bias is not None:
         out = out + bias
     return out if out.dtype == x.dtype else out.to(x.dtype)
