@@ -205,10 +205,12 @@ class _PrunedProjections:
             # (R, widest); largest first where rows keep different counts (each reads a prefix)
             channels = torch.topk(flat.abs(), widest, dim=-1, sorted=not uniform).indices
             fused = ops.sparse_linear(flat, self.weight_t, channels, counts, self.bias)
-            flat_results = [fused] if len(self.widths) == 1 else list(fused.split(self.widths, dim=-1))
             if self.lora_t is not None:
+                flat_results = [fused] if len(self.widths) == 1 else list(fused.split(self.widths, dim=-1))
                 self._add_adapters(flat_results, flat, channels, counts)
-            results = tuple(y.view(*lead, y.shape[-1]) for y in flat_results)
+                results = tuple(y.view(*lead, y.shape[-1]) for y in flat_results)
+            else:  # (..., sum Dout) -> each projection's (..., Dout) view
+                results = torch.split_with_sizes(fused.view(*lead, fused.shape[-1]), self.widths, dim=-1)
             if row_bytes_read is not None:
                 step.projection_bytes.add(row_bytes_read)
             else:
