@@ -10,13 +10,15 @@ medians. ``read_factor`` = (sparse time / dense time) / keep, the figure
 reads all of them). The dense baseline is one fused ``F.linear`` per site (q/k/v and gate/up
 fused as sol_hf reads them), a stronger one than the model's separate projections.
 
-Ways to share out one row's work (``MODES``): ``one_bag`` (no split: one bag, one thread),
-``runs_per_thread`` (the row's kept channels split into one run per thread, whole weight rows
-each, partial outputs added), ``two_runs_per_thread`` (what the op does), ``column_per_thread``
-(the row's output split into one column block per thread, each a bag over a (Din * parts,
-Dout / parts) view of W_t: what the op did before 2026-12-02, kept here as
-:func:`column_split_rows`). Column blocks narrow enough that a bag's float accumulator stays in
-the L1 cache (4096 columns) were tried too and changed nothing (1B shape, bf16, gate/up).
+Ways to share out one row's work (``MODES``): ``one_bag`` (no split: one bag, one thread);
+``one_run_per_thread`` and ``two_runs_per_thread`` (the row's kept channels split into that many
+runs per thread, one bag each, whole weight rows, partial outputs added); ``runs_of_2mib`` (what
+the op does: at least two runs per thread and at most 2 MiB of weights per run) and
+``runs_of_1mib``; ``column_per_thread`` (the row's output split into one column block per thread,
+each a bag over a (Din * parts, Dout / parts) view of W_t: what the op did before 2026-12-02, kept
+here as :func:`column_split_rows`). Column blocks narrow enough that a bag's float accumulator
+stays in the L1 cache (4096 columns), in place or copied block by block, were tried too and
+changed nothing (1B shape, bf16, gate/up).
 
     python benchmarks/sparse_linear_cpu.py --shape llama-1b --dtype bfloat16 --keeps 0.3 0.5 0.7
 """
@@ -40,7 +42,7 @@ sparse_module = importlib.import_module("sol_hf.ops.sparse_linear")
 
 # (hidden, intermediate, key/value width, layers) of each shape; sites as sol_hf fuses them.
 SHAPES = {"smollm2": (576, 1536, 192, 30), "llama-1b": (2048, 8192, 512, 16)}
-MODES = ("one_bag", "runs_per_thread", "two_runs_per_thread", "column_per_thread")
+MODES = ("one_bag", "one_run_per_thread", "two_runs_per_thread", "runs_of_2mib", "runs_of_1mib", "column_per_thread")
 
 
 def sites(shape: str) -> dict[str, tuple[int, int]]:
@@ -69,8 +71,10 @@ def column_split_rows(x: torch.Tensor, weight_t: torch.Tensor, channels: torch.T
 
 def run_mode(mode: str, x: torch.Tensor, transposed: list[torch.Tensor], channels: torch.Tensor):
     """One pass of the kept-row op over every copy in ``transposed``, shared out as ``mode`` says."""
-    settings = {"one_bag": {"_SPLIT_FROM_BYTES": float("inf")}, "runs_per_thread": {"_BAGS_PER_THREAD": 1},
-                "two_runs_per_thread": {"_BAGS_PER_THREAD": 2}}
+    settings = {"one_bag": {"_SPLIT_FROM_BYTES": float("inf")},
+                "one_run_per_thread": {"_BAGS_PER_THREAD": 1, "_RUN_BYTES": float("inf")},
+                "two_runs_per_thread": {"_BAGS_PER_THREAD": 2, "_RUN_BYTES": float("inf")},
+                "runs_of_1mib": {"_RUN_BYTES": 2**20}, "runs_of_2mib": {"_RUN_BYTES": 2**21}}
 
     def run():
         if mode == "column_per_thread":

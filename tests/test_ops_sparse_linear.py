@@ -125,15 +125,18 @@ def test_sparse_linear_dispatcher():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_sparse_linear_rows_matches_naive_and_reads_only_kept_rows(dtype, bias, threads, monkeypatch):
+@pytest.mark.parametrize("run_bytes", [2**21, 1600])
+def test_sparse_linear_rows_matches_naive_and_reads_only_kept_rows(dtype, bias, threads, run_bytes, monkeypatch):
     """The CPU executed path (``embedding_bag`` over kept rows): per-row counts, a row that keeps
     everything, one that keeps nothing; rows of W_t no row keeps are never read (poisoned with NaN),
     and the rows the op hands to ``embedding_bag`` are exactly the kept ones."""
-    # With more threads than rows, each row's kept channels are split into several bags whose
-    # partial sums are added; the split is kept for rows reading megabytes, so lower its threshold
+    # A row's kept channels are split into several bags (runs) whose partial sums are added: to
+    # cover more threads than rows, and to keep every run under _RUN_BYTES (1600: about ten of
+    # these 40-wide rows). The split is kept for rows reading megabytes, so lower its threshold
     # for this small weight.
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads * 4)
     monkeypatch.setattr(sys.modules["sol_hf.ops.sparse_linear"], "_SPLIT_FROM_BYTES", 0)
+    monkeypatch.setattr(sys.modules["sol_hf.ops.sparse_linear"], "_RUN_BYTES", run_bytes)
     x, weight, b = make(4, 96, 40, dtype, bias=bias)
     x, weight, b = x.cpu(), weight.cpu(), None if b is None else b.cpu()
     idx = topk_channels(x)
