@@ -438,6 +438,59 @@ def test_calibration_measures_the_read_factor_and_moves_path_choice_and_costs(mo
         assert (out.step_cost.item() < dense_cost - 1e-6) == runs_sparse, keep
 
 
+def test_calibration_runs_the_kept_row_op_at_every_keep_where_it_measured_faster(monkeypatch):
+    """A kept-row op with a fixed cost per call: its time is the kept bytes plus 0.2 of the dense
+    pass, so it is faster than dense up to 80 % of the bytes. The factor is where the two meet,
+    1 / 0.8 = 1.25 (the largest time-per-byte ratio, 0.5 / 0.3 at keep 0.3, would keep 0.7 off
+    the op although it measured 0.9 of the dense time), and keep 0.7 runs the kept-row op."""
+    import torch.nn.functional as F
+
+    from sol_hf.runtime import calibrate
+
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)  # activation keeps 0.3 / 0.5 / 0.7
+    groups = [g for executor in model._layer_executors for g in executor.groups]
+    per_call = 0.2 * sum(g.width * g.row_bytes for g in groups) / len(groups)
+    clock = [0.0]
+    real_linear, real_sparse = F.linear, calibrate.ops.sparse_linear
+
+    def linear(x, weight, bias=None):
+        clock[0] += weight.numel() * weight.element_size()
+        return real_linear(x, weight, bias)
+
+    def sparse(x, weight_t, idx, count, bias=None):
+        clock[0] += idx.shape[1] * weight_t.shape[1] * weight_t.element_size() + per_call
+        return real_sparse(x, weight_t, idx, count, bias)
+
+    monkeypatch.setattr(F, "linear", linear)
+    monkeypatch.setattr(calibrate.ops, "sparse_linear", sparse)
+    monkeypatch.setattr(calibrate.time, "perf_counter", lambda: clock[0])
+    result = model.calibrate_sparse_read_factor(repeats=3)
+    monkeypatch.undo()
+    assert result["levels"][0.7]["time_ratio"] == pytest.approx(0.2 + result["levels"][0.7]["byte_fraction"], rel=1e-3)
+    assert result["levels"][0.3]["factor"] > 1.6  # the old rule's figure
+    assert result["factor"] == pytest.approx(1.25, rel=1e-3)
+    calls = []
+    real_bag = torch.nn.functional.embedding_bag
+    monkeypatch.setattr(torch.nn.functional, "embedding_bag", lambda *a, **k: calls.append(1) or real_bag(*a, **k))
+    ids = _ids(1, 40)
+    prefix = model(ids[:, :39], use_cache=True)
+    model(ids[:, 39:], cache=prefix.cache, actions=torch.tensor([[model.space.index_of(1.0, 0.7, 16)]]))
+    assert calls
+
+
+def test_break_even_factor_flips_the_path_where_the_op_measured_slower():
+    from sol_hf.runtime.calibrate import break_even_factor
+
+    assert break_even_factor([(0.3, 0.6), (0.5, 1.0), (0.7, 1.4)]) == pytest.approx(2.0)  # meets dense at 0.5
+    assert break_even_factor([(0.5, 0.7), (0.3, 0.5), (0.7, 0.9)]) == pytest.approx(1.25)  # extrapolated: 0.8
+    assert break_even_factor([(0.3, 1.2), (0.5, 1.5)]) == pytest.approx(4.0)  # never faster: no level pays
+    assert 0.3 * break_even_factor([(0.3, 1.2), (0.5, 1.5)]) >= 1.0
+    assert break_even_factor([(0.3, 0.5)]) == pytest.approx(0.5 / 0.3)  # one level: through the origin
+    assert break_even_factor([(0.3, 0.3), (0.5, 0.45), (0.7, 0.6)]) == 1.0  # never slower: at least 1.0
+    noisy = break_even_factor([(0.3, 0.5), (0.5, 1.05), (0.7, 0.95)])  # 0.5 measured slower: 0.7 is not trusted
+    assert 0.3 * noisy < 1.0 <= 0.5 * noisy
+
+
 def test_activation_keeps_whose_sparse_op_would_be_slower_run_dense_and_are_credited_nothing(monkeypatch):
     """Hidden 64: keeps 0.6 / 0.8 keep 39 / 52 channels. At the CPU read factor 1.35, reading 52
     rows sparsely is slower than 64 densely, so keep 0.8 runs the masked dense projection and
