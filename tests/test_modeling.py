@@ -392,17 +392,13 @@ def test_report_counts_the_bytes_the_executed_ops_read(backend, monkeypatch):
     assert report.cost.item() < report.nominal_cost.item() + 0.05
 
 
-def test_calibration_measures_the_read_factor_and_moves_path_choice_and_costs(monkeypatch):
-    """calibrate_sparse_read_factor times the dense projections against the kept-row op on the
-    model's own weights. With a clock that charges the dense op one unit per weight byte and the
-    sparse op two per kept byte, the factor is 2.0 at every level; it is stored for the weights'
-    dtype, and from then on keeps with keep x 2 >= 1 run the masked dense projection and cost
-    what dense costs, while lower keeps still run the kept-row op."""
+def _calibrate_on_a_byte_clock(model, monkeypatch, sparse_time) -> dict:
+    """``model.calibrate_sparse_read_factor`` with a clock instead of time: the dense projection
+    takes one unit per weight byte, the kept-row op ``sparse_time(kept bytes)``."""
     import torch.nn.functional as F
 
     from sol_hf.runtime import calibrate
 
-    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)  # activation keeps 0.3 / 0.5 / 0.7
     clock = [0.0]
     real_linear, real_sparse = F.linear, calibrate.ops.sparse_linear
 
@@ -411,7 +407,7 @@ def test_calibration_measures_the_read_factor_and_moves_path_choice_and_costs(mo
         return real_linear(x, weight, bias)
 
     def sparse(x, weight_t, idx, count, bias=None):
-        clock[0] += 2 * idx.shape[1] * weight_t.shape[1] * weight_t.element_size()
+        clock[0] += sparse_time(idx.shape[1] * weight_t.shape[1] * weight_t.element_size())
         return real_sparse(x, weight_t, idx, count, bias)
 
     monkeypatch.setattr(F, "linear", linear)
@@ -419,6 +415,17 @@ def test_calibration_measures_the_read_factor_and_moves_path_choice_and_costs(mo
     monkeypatch.setattr(calibrate.time, "perf_counter", lambda: clock[0])
     result = model.calibrate_sparse_read_factor(repeats=3)
     monkeypatch.undo()
+    return result
+
+
+def test_calibration_measures_the_read_factor_and_moves_path_choice_and_costs(monkeypatch):
+    """calibrate_sparse_read_factor times the dense projections against the kept-row op on the
+    model's own weights. With a clock that charges the dense op one unit per weight byte and the
+    sparse op two per kept byte, the factor is 2.0 at every level; it is stored for the weights'
+    dtype, and from then on keeps with keep x 2 >= 1 run the masked dense projection and cost
+    what dense costs, while lower keeps still run the kept-row op."""
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)  # activation keeps 0.3 / 0.5 / 0.7
+    result = _calibrate_on_a_byte_clock(model, monkeypatch, lambda kept_bytes: 2 * kept_bytes)
     assert result["key"] == "cpu:float32" and result["factor"] == pytest.approx(2.0, rel=1e-3)
     for keep, level in result["levels"].items():
         assert level["time_ratio"] == pytest.approx(2 * level["byte_fraction"], rel=1e-3), keep
@@ -443,29 +450,10 @@ def test_calibration_runs_the_kept_row_op_at_every_keep_where_it_measured_faster
     pass, so it is faster than dense up to 80 % of the bytes. The factor is where the two meet,
     1 / 0.8 = 1.25 (the largest time-per-byte ratio, 0.5 / 0.3 at keep 0.3, would keep 0.7 off
     the op although it measured 0.9 of the dense time), and keep 0.7 runs the kept-row op."""
-    import torch.nn.functional as F
-
-    from sol_hf.runtime import calibrate
-
     model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)  # activation keeps 0.3 / 0.5 / 0.7
     groups = [g for executor in model._layer_executors for g in executor.groups]
     per_call = 0.2 * sum(g.width * g.row_bytes for g in groups) / len(groups)
-    clock = [0.0]
-    real_linear, real_sparse = F.linear, calibrate.ops.sparse_linear
-
-    def linear(x, weight, bias=None):
-        clock[0] += weight.numel() * weight.element_size()
-        return real_linear(x, weight, bias)
-
-    def sparse(x, weight_t, idx, count, bias=None):
-        clock[0] += idx.shape[1] * weight_t.shape[1] * weight_t.element_size() + per_call
-        return real_sparse(x, weight_t, idx, count, bias)
-
-    monkeypatch.setattr(F, "linear", linear)
-    monkeypatch.setattr(calibrate.ops, "sparse_linear", sparse)
-    monkeypatch.setattr(calibrate.time, "perf_counter", lambda: clock[0])
-    result = model.calibrate_sparse_read_factor(repeats=3)
-    monkeypatch.undo()
+    result = _calibrate_on_a_byte_clock(model, monkeypatch, lambda kept_bytes: kept_bytes + per_call)
     assert result["levels"][0.7]["time_ratio"] == pytest.approx(0.2 + result["levels"][0.7]["byte_fraction"], rel=1e-3)
     assert result["levels"][0.3]["factor"] > 1.6  # the old rule's figure
     assert result["factor"] == pytest.approx(1.25, rel=1e-3)
