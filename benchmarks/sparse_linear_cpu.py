@@ -11,14 +11,16 @@ reads all of them). The dense baseline is one fused ``F.linear`` per site (q/k/v
 fused as sol_hf reads them), a stronger one than the model's separate projections.
 
 Ways to share out one row's work (``MODES``): ``one_bag`` (no split: one bag, one thread);
-``one_run_per_thread`` and ``two_runs_per_thread`` (the row's kept channels split into that many
-runs per thread, one bag each, whole weight rows, partial outputs added); ``runs_of_2mib`` (what
-the op does: at least two runs per thread and at most 2 MiB of weights per run) and
-``runs_of_1mib``; ``column_per_thread`` (the row's output split into one column block per thread,
-each a bag over a (Din * parts, Dout / parts) view of W_t: what the op did before 2026-12-02, kept
-here as :func:`column_split_rows`). Column blocks narrow enough that a bag's float accumulator
-stays in the L1 cache (4096 columns), in place or copied block by block, were tried too and
-changed nothing (1B shape, bf16, gate/up).
+``op`` (what the op does under this process's OpenMP wait policy: runs of at most 2 MiB, at least
+two per thread, for rows reading at least 1.5 MiB with ``OMP_WAIT_POLICY=PASSIVE``, 64 KiB
+otherwise); ``split_from_1.5mib`` / ``split_from_64kib`` (the op with either threshold);
+``one_run_per_thread`` and ``two_runs_per_thread`` (the op without the 2 MiB cap);
+``runs_of_1mib``; ``column_per_thread`` (the row's output split into one column block per thread
+for rows of 1.5 MiB or more, each a bag over a (Din * parts, Dout / parts) view of W_t: what the op
+did before 2026-12-02, kept here as :func:`column_split_rows`). Column blocks narrow enough that a
+bag's float accumulator stays in the L1 cache (4096 columns), in place or copied block by block,
+were tried too and changed nothing (1B shape, bf16, gate/up). Run it with both wait policies:
+``OMP_WAIT_POLICY=PASSIVE python ...`` and ``OMP_WAIT_POLICY=ACTIVE python ...``.
 
     python benchmarks/sparse_linear_cpu.py --shape llama-1b --dtype bfloat16 --keeps 0.3 0.5 0.7
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -42,7 +45,8 @@ sparse_module = importlib.import_module("sol_hf.ops.sparse_linear")
 
 # (hidden, intermediate, key/value width, layers) of each shape; sites as sol_hf fuses them.
 SHAPES = {"smollm2": (576, 1536, 192, 30), "llama-1b": (2048, 8192, 512, 16)}
-MODES = ("one_bag", "one_run_per_thread", "two_runs_per_thread", "runs_of_2mib", "runs_of_1mib", "column_per_thread")
+MODES = ("one_bag", "op", "split_from_1.5mib", "split_from_64kib", "one_run_per_thread", "two_runs_per_thread", "runs_of_1mib",
+         "column_per_thread")
 
 
 def sites(shape: str) -> dict[str, tuple[int, int]]:
@@ -57,7 +61,7 @@ def column_split_rows(x: torch.Tensor, weight_t: torch.Tensor, channels: torch.T
     d_in, d_out = weight_t.shape
     n_idx = channels.shape[1]
     parts = 1
-    if n_idx * d_out * weight_t.element_size() >= sparse_module._SPLIT_FROM_BYTES:
+    if n_idx * d_out * weight_t.element_size() >= 1.5 * 2**20:
         parts = torch.get_num_threads()
         while parts > 1 and d_out % parts:
             parts -= 1
@@ -71,10 +75,11 @@ def column_split_rows(x: torch.Tensor, weight_t: torch.Tensor, channels: torch.T
 
 def run_mode(mode: str, x: torch.Tensor, transposed: list[torch.Tensor], channels: torch.Tensor):
     """One pass of the kept-row op over every copy in ``transposed``, shared out as ``mode`` says."""
-    settings = {"one_bag": {"_SPLIT_FROM_BYTES": float("inf")},
+    settings = {"one_bag": {"_SPLIT_FROM_BYTES": float("inf")}, "op": {},
+                "split_from_1.5mib": {"_SPLIT_FROM_BYTES": 1.5 * 2**20}, "split_from_64kib": {"_SPLIT_FROM_BYTES": 64 * 2**10},
                 "one_run_per_thread": {"_BAGS_PER_THREAD": 1, "_RUN_BYTES": float("inf")},
                 "two_runs_per_thread": {"_BAGS_PER_THREAD": 2, "_RUN_BYTES": float("inf")},
-                "runs_of_1mib": {"_RUN_BYTES": 2**20}, "runs_of_2mib": {"_RUN_BYTES": 2**21}}
+                "runs_of_1mib": {"_RUN_BYTES": 2**20}}
 
     def run():
         if mode == "column_per_thread":
@@ -148,6 +153,7 @@ def main() -> None:
             sparse_all = sum(statistics.median(times[(site, mode, keep)]) for site in sites(args.shape))
             totals[keep][mode] = round(sparse_all / dense_all / keep, 3)
     header = run_info("sparse_linear_cpu", "python " + " ".join(sys.argv))
+    header["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset")
     print(json.dumps({**header, "shape": args.shape, "dtype": args.dtype, "layers": layers,
                       "read_factor_all_sites": totals, "results": results}, indent=2))
 

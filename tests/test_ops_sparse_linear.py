@@ -179,3 +179,20 @@ def test_sparse_linear_kernel_is_a_custom_op_that_compiles_in_one_graph():
     torch.library.opcheck(torch.ops.sol_hf.sparse_linear.default, args, test_utils=("test_schema", "test_faketensor"))
     compiled = torch.compile(lambda *a: sparse_linear(*a, backend="triton"), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(*args), sparse_linear(*args, backend="triton"))
+
+
+@pytest.mark.parametrize("env, split_from", [({"OMP_WAIT_POLICY": "PASSIVE"}, 1.5 * 2**20), ({"OMP_WAIT_POLICY": "active"}, 64 * 2**10),
+                                             ({}, 64 * 2**10), ({"GOMP_SPINCOUNT": "0"}, 1.5 * 2**20)])
+def test_rows_split_across_threads_from_a_size_set_by_the_openmp_wait_policy(env, split_from):
+    """Sleeping OpenMP threads (PASSIVE, or no spinning) make every parallel op pay a wake-up, so
+    only rows of 1.5 MiB and more are split; spinning ones (the default, ACTIVE) split from 64 KiB."""
+    import importlib
+    import os
+    import subprocess
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = "import importlib; print(importlib.import_module('sol_hf.ops.sparse_linear')._SPLIT_FROM_BYTES)"
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) == split_from
+    module = importlib.import_module("sol_hf.ops.sparse_linear")  # this process's own threshold
+    assert module._bags_per_row(1, module._SPLIT_FROM_BYTES - 1) == 1 < module._bags_per_row(1, module._SPLIT_FROM_BYTES)

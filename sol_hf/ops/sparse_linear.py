@@ -8,6 +8,7 @@ transposed, ``(Din, Dout)`` row-major, so one input channel's weights are contig
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -95,9 +96,17 @@ def sparse_linear_naive(
 # at least ``_BAGS_PER_THREAD`` per intra-op thread (two balance the threads better than one on
 # shared cores), and at most ``_RUN_BYTES`` of weights per run (shorter runs read a large
 # projection faster: 1B shape, bf16, gate/up at keep 0.5 read kept bytes at 1.07 of the dense
-# time per byte in 2 MiB runs, 1.26 in four runs). Below the threshold, waking the other threads
-# costs more than the split saves.
-_SPLIT_FROM_BYTES = 1.5 * 2**20
+# time per byte in 2 MiB runs, 1.26 in four runs).
+# Whether splitting a small row pays depends on what waking the other threads costs, which the
+# OpenMP wait policy decides: with ``OMP_WAIT_POLICY=PASSIVE`` (what ``sol-hf`` sets) idle threads
+# sleep and every parallel op wakes them (about 70 us on this project's 2-core VM), so rows under
+# 1.5 MiB run on one thread; with the default policy (threads spin a while between ops) or
+# ``ACTIVE``, waking is nearly free and every row of 64 KiB or more is split (SmolLM2's q/k/v at
+# keep 0.3: 1.9 against 2.8 of the dense time per byte unsplit, spinning; 2.7 against 1.7 split,
+# sleeping). Read once, as libgomp reads it when it loads.
+_THREADS_SLEEP = (os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+                  or os.environ.get("GOMP_SPINCOUNT", "").strip() == "0")
+_SPLIT_FROM_BYTES = 1.5 * 2**20 if _THREADS_SLEEP else 64 * 2**10
 _BAGS_PER_THREAD = 2
 _RUN_BYTES = 2 * 2**20
 _BAG_OFFSETS: dict[tuple, torch.Tensor] = {}
