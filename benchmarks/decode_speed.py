@@ -208,6 +208,7 @@ def main() -> None:
         "device": args.device if args.device != "cuda" else torch.cuda.get_device_name(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),  # decides what waking threads costs (see docs/benchmarks.md)
         "torch": torch.__version__,
         "context": args.context,
         "batch": args.batch,
