@@ -42,15 +42,16 @@ from .state import Runtime, StepState
 
 __all__ = ["LayerExecutor", "quantize_output_hook", "projection_widths", "projection_bytes", "int8_row_bytes", "SPARSE_LINEAR_READ_FACTOR"]
 
-# The sparse projection op's time per byte over the dense projection's, per device type, optionally per
-# weight dtype ("cpu:bfloat16"). CPU: torch's embedding_bag reads kept rows more slowly than
-# F.linear reads the whole weight (benchmarks/sparse_linear_cpu.py on this project's 2-core
-# machine, 2048 x 16384, one row: keep 0.4 / 0.6 / 0.8 took 0.50 / 0.72 / 1.04 of the dense time in
-# fp32 and 0.62 / 1.03 / 1.43 in bf16; inside a bf16 Llama-1B-shaped layer keep 0.4 took 0.69), so
-# higher keeps run the masked dense projection instead. CUDA: the Triton kernel is built to read
-# at the dense GEMV's bandwidth (not measured yet; a Triton step picks its path without host
-# reads and uses 1.0).
-SPARSE_LINEAR_READ_FACTOR = {"cpu": 1.35, "cpu:bfloat16": 1.75, "cpu:float16": 1.75, "cuda": 1.0}
+# The sparse projection op's time per byte over the dense projection's where the two take equally
+# long (the path-choice threshold, see sol_hf.runtime.calibrate), per device type, optionally per
+# weight dtype ("cpu:bfloat16"). One machine's figures; model.calibrate_sparse_read_factor()
+# measures the running one. CPU fp32: on this project's 2-core machine SmolLM2 measured 1.0-1.1
+# with OMP_WAIT_POLICY=PASSIVE and 1.6 with spinning threads (its narrow rows read at 1.5-1.9 of
+# the dense time per byte). CPU bf16: the Llama-3.2-1B shape measured 1.0 under both policies
+# (2026-12-02, after the op split rows into runs); 1.25 keeps a margin (was 1.75 for the earlier
+# op). fp16 is not measured again. CUDA: the Triton kernel is built to read at the dense GEMV's
+# bandwidth (not measured yet; a Triton step picks its path without host reads and uses 1.0).
+SPARSE_LINEAR_READ_FACTOR = {"cpu": 1.35, "cpu:bfloat16": 1.25, "cpu:float16": 1.75, "cuda": 1.0}
 
 
 
