@@ -104,9 +104,16 @@ def sparse_linear_naive(
 # ``ACTIVE``, waking is nearly free and every row of 64 KiB or more is split (SmolLM2's q/k/v at
 # keep 0.3: 1.9 against 2.8 of the dense time per byte unsplit, spinning; 2.7 against 1.7 split,
 # sleeping). Read once, as libgomp reads it when it loads.
-_THREADS_SLEEP = (os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
-                  or os.environ.get("GOMP_SPINCOUNT", "").strip() == "0")
-_SPLIT_FROM_BYTES = 1.5 * 2**20 if _THREADS_SLEEP else 64 * 2**10
+
+
+def _threads_sleep(environ) -> bool:
+    """Whether ``environ`` makes OpenMP's idle threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``
+    or ``GOMP_SPINCOUNT=0``) rather than spin a while (the default, ``ACTIVE``)."""
+    return (environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+            or environ.get("GOMP_SPINCOUNT", "").strip() == "0")
+
+
+_SPLIT_FROM_BYTES = 1.5 * 2**20 if _threads_sleep(os.environ) else 64 * 2**10
 _BAGS_PER_THREAD = 2
 _RUN_BYTES = 2 * 2**20
 _BAG_OFFSETS: dict[tuple, torch.Tensor] = {}
