@@ -98,12 +98,12 @@ def sparse_linear_naive(
 # projection faster: 1B shape, bf16, gate/up at keep 0.5 read kept bytes at 1.07 of the dense
 # time per byte in 2 MiB runs, 1.26 in four runs).
 # Whether splitting a small row pays depends on what waking the other threads costs, which the
-# OpenMP wait policy decides: with ``OMP_WAIT_POLICY=PASSIVE`` (what ``sol-hf`` sets) idle threads
-# sleep and every parallel op wakes them (about 70 us on this project's 2-core VM), so rows under
-# 1.5 MiB run on one thread; with the default policy (threads spin a while between ops) or
-# ``ACTIVE``, waking is nearly free and every row of 64 KiB or more is split (SmolLM2's q/k/v at
-# keep 0.3: 1.9 against 2.8 of the dense time per byte unsplit, spinning; 2.7 against 1.7 split,
-# sleeping). Read once, as libgomp reads it when it loads.
+# OpenMP wait policy decides. With ``OMP_WAIT_POLICY=PASSIVE`` (what ``sol-hf`` sets) idle threads
+# sleep and every parallel op wakes them (tens of microseconds on this project's 2-core VM), so
+# rows under 1.5 MiB run on one thread. With the default policy (threads spin a while between ops)
+# or ``ACTIVE``, waking is nearly free and rows of 64 KiB or more are split. SmolLM2's q/k/v at
+# keep 0.3, time per byte over dense: split 1.9, unsplit 2.8 with spinning threads; split 2.7,
+# unsplit 1.7 with sleeping ones. Read once, as libgomp reads it when it loads.
 
 
 def _threads_sleep(environ) -> bool:
