@@ -964,3 +964,32 @@ def test_num_return_sequences_decodes_each_copy_under_its_prompts_budget():
     torch.manual_seed(3)
     config = GenerationConfig(num_return_sequences=3, max_new_tokens=8, do_sample=True, temperature=1.5, pad_token_id=0)
     assert torch.equal(model.generate(ids, attention_mask=mask, generation_config=config, compute_budget=budgets), expanded)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 40])
+def test_pruned_input_keeps_each_rows_count_of_largest_channels_on_every_path(rows):
+    """The masked-dense input: each row keeps exactly its count of largest-|x| channels, whether
+    the counts are read on the host (one top-k per row, or per distinct count for many rows) or
+    stay on the device (prefixes of one sorted top-k); with exact ties too (a row whose values
+    repeat), and the same channels as the top-k a row decoded alone takes."""
+    from sol_hf.runtime.projections import _pruned_input
+
+    width = 48
+    flat = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows))
+    flat[0, : width // 2] = flat[0, width // 2 :]  # every magnitude of row 0 appears twice
+    levels = torch.tensor([5, 14, 24, 33, width])
+    counts = levels[torch.arange(rows) % len(levels)]
+    for host_sizes in (True, False):
+        out = _pruned_input(flat, counts, int(counts.max()), host_sizes=host_sizes)
+        assert torch.equal((out != 0).sum(-1), counts), host_sizes
+        for r in range(rows):
+            kept, dropped = flat[r].abs()[out[r] != 0], flat[r].abs()[out[r] == 0]
+            assert dropped.numel() == 0 or kept.min() >= dropped.max()
+            assert torch.equal(out[r][out[r] != 0], flat[r][out[r] != 0])
+    host = _pruned_input(flat, counts, int(counts.max()), host_sizes=True)
+    for r in range(rows):
+        alone = torch.zeros(width, dtype=torch.bool)
+        alone[torch.topk(flat[r : r + 1].abs(), int(counts[r]), dim=-1, sorted=False).indices[0]] = True
+        assert torch.equal(host[r] != 0, alone), r
+    uniform = _pruned_input(flat, None, 14, host_sizes=True)
+    assert torch.equal(uniform, _pruned_input(flat, torch.full((rows,), 14), 14, host_sizes=True))

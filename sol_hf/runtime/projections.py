@@ -122,17 +122,49 @@ def _prepare_lora(projections: list[nn.Module]) -> tuple[torch.Tensor | None, li
     return fused, parts
 
 
-def _pruned_input(flat: torch.Tensor, counts: torch.Tensor | None, widest: int) -> torch.Tensor:
+def _pruned_input(flat: torch.Tensor, counts: torch.Tensor | None, widest: int, host_sizes: bool = False) -> torch.Tensor:
     """(R, Din) ``flat`` with all but each row's ``counts`` largest-|x| channels zeroed: exactly
     ``count`` channels per row, the ones the sparse ops read (a threshold on |x| would keep every
     tied channel; exact ties are common: with grouped-query attention the heads that share a KV
     head output the same values at a row's first token). ``widest``: the largest count;
-    ``counts=None``: every row keeps ``widest``, so the top-k need not be sorted."""
-    # (R, widest); sorted, largest first, where rows keep different counts (each keeps a prefix)
-    channels = torch.topk(flat.abs(), widest, dim=-1, sorted=counts is not None).indices
-    kept = True if counts is None else torch.arange(widest, device=flat.device) < counts.unsqueeze(-1)
-    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, channels, kept)
+    ``counts=None``: every row keeps ``widest``. ``host_sizes``: the step plans on the host
+    (``StepState.host``), so ``counts`` may be read there.
+
+    Each row's channels come from an unsorted ``topk`` of its own count, the call a row decoded
+    alone makes: where the counts may be read on the host (CPU), one call per row in a small
+    batch and one per distinct count in a large one (teacher-forced episodes score thousands of
+    rows at a few levels; a sorted top-k of the widest count, shared by all rows, took 2.7-2.9x as
+    long for 2048 rows and 1.4-1.7x for 4: ``benchmarks/pruned_input_cpu.py``). Elsewhere (no host read: CUDA steps must not sync, and a
+    step compiles into one graph) each row keeps the prefix of one sorted top-k of ``widest``."""
+    magnitude = flat.abs()
+    if counts is None:
+        mask = _top_mask(magnitude, widest)
+    elif host_sizes:
+        levels = counts.unique().tolist()
+        if len(levels) == 1:
+            mask = _top_mask(magnitude, levels[0])
+        elif flat.shape[0] <= 8:  # a decode batch: one small top-k per row costs least
+            mask = torch.zeros_like(flat, dtype=torch.bool)
+            for row, count in enumerate(counts.tolist()):
+                mask[row].scatter_(-1, torch.topk(magnitude[row], min(count, flat.shape[-1]), sorted=False).indices, True)
+        else:  # teacher-forced rows: one top-k per distinct count
+            mask = torch.empty_like(flat, dtype=torch.bool)
+            for count in levels:
+                rows = (counts == count).nonzero().squeeze(-1)
+                mask.index_copy_(0, rows, _top_mask(magnitude.index_select(0, rows), count))
+    else:
+        channels = torch.topk(magnitude, widest, dim=-1, sorted=True).indices  # (R, widest), largest first
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask.scatter_(-1, channels, torch.arange(widest, device=flat.device) < counts.unsqueeze(-1))
     return torch.where(mask, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+
+
+def _top_mask(magnitude: torch.Tensor, count: int) -> torch.Tensor:
+    """(R, Din) bool: each row's ``count`` largest entries of ``magnitude`` (unsorted top-k)."""
+    if count >= magnitude.shape[-1]:
+        return torch.ones_like(magnitude, dtype=torch.bool)
+    mask = torch.zeros_like(magnitude, dtype=torch.bool)
+    return mask.scatter_(-1, torch.topk(magnitude, count, dim=-1, sorted=False).indices, True)
 
 
 class _PrunedProjections:
@@ -217,7 +249,8 @@ class _PrunedProjections:
             else:
                 step.projection_bytes.add(counts * self.row_bytes + self.bias_bytes)
         else:
-            pruned = _pruned_input(flat, counts, widest)  # counts None: every row keeps ``widest``
+            # counts None: every row keeps ``widest``
+            pruned = _pruned_input(flat, counts, widest, host_sizes=step.host is not None)
             results = tuple(f(pruned.view_as(x)) for f in self.originals)
             step.projection_bytes.add(self.full_bytes)
         self._last_input, self._last_step, self._last_outputs = x, step, results
@@ -238,7 +271,7 @@ class _PrunedProjections:
         flags = step.bits < 16  # (R,)
         int8_bytes = self.int8.row_bytes
         if not step.decode:
-            pruned = _pruned_input(flat, counts, self.width)
+            pruned = _pruned_input(flat, counts, self.width, host_sizes=step.host is not None)
             quantized = pruned.float() @ ops.dequantize_int8(self.int8)
             if self.bias is not None:
                 quantized = quantized + self.bias.float()
@@ -256,7 +289,7 @@ class _PrunedProjections:
                 fused = self._int8_rows(flat, counts, host_counts)
             else:
                 picked = torch.tensor(quantized_rows, dtype=torch.long, device=device)
-                pruned = _pruned_input(flat, counts, self.width)
+                pruned = _pruned_input(flat, counts, self.width, host_sizes=True)
                 fused = torch.cat([f(pruned).reshape(rows, -1) for f in self.originals], dim=-1)
                 fused[picked] = self._int8_rows(flat[picked], counts[picked], [host_counts[r] for r in quantized_rows])
             step.projection_bytes.add([
