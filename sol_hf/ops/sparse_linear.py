@@ -113,7 +113,8 @@ def _threads_sleep(environ) -> bool:
             or environ.get("GOMP_SPINCOUNT", "").strip() == "0")
 
 
-_SPLIT_FROM_BYTES = 1.5 * 2**20 if _threads_sleep(os.environ) else 64 * 2**10
+_THREADS_SLEEP = _threads_sleep(os.environ)  # at import: later changes to the environment reach neither libgomp nor this
+_SPLIT_FROM_BYTES = 1.5 * 2**20 if _THREADS_SLEEP else 64 * 2**10
 _BAGS_PER_THREAD = 2
 _RUN_BYTES = 2 * 2**20
 _BAG_OFFSETS: dict[tuple, torch.Tensor] = {}
