@@ -153,9 +153,9 @@ def sparse_linear_rows(
     ``y[n]`` is a weighted sum of the ``count[n]`` rows of ``W_t`` that row ``n`` keeps, which is
     exactly what ``F.embedding_bag(mode="sum", per_sample_weights=...)`` computes while reading
     only those rows (rows do not share reads, so the op reads ``sum_n count[n]`` weight rows).
-    ``embedding_bag`` runs its bags in parallel: with fewer rows than threads, each row's kept
-    channels are split into several bags (whole weight rows each) whose partial sums are then
-    added. Same arguments and result as the reference up to float summation order (in bf16 /
+    ``embedding_bag`` runs its bags in parallel: a row reading enough bytes has its kept channels
+    split into runs, one bag each over whole weight rows, whose partial sums are then added (how
+    many: :func:`_bags_per_row` and the comment above it). Same arguments and result as the reference up to float summation order (in bf16 /
     fp16 the partial sums are rounded before they are added). Reads ``channel_count`` on the host
     once (free on CPU, where this path runs); ``channel_count=None`` means every row uses all K
     candidates.

@@ -134,8 +134,9 @@ def _pruned_input(flat: torch.Tensor, counts: torch.Tensor | None, widest: int, 
     alone makes: where the counts may be read on the host (CPU), one call per row in a small
     batch and one per distinct count in a large one (teacher-forced episodes score thousands of
     rows at a few levels; a sorted top-k of the widest count, shared by all rows, took 2.7-2.9x as
-    long for 2048 rows and 1.4-1.7x for 4: ``benchmarks/pruned_input_cpu.py``). Elsewhere (no host read: CUDA steps must not sync, and a
-    step compiles into one graph) each row keeps the prefix of one sorted top-k of ``widest``."""
+    long for 2048 rows and 1.4-1.7x for 4: ``benchmarks/pruned_input_cpu.py``). Elsewhere (no host
+    read: CUDA steps must not sync, and a step compiles into one graph) each row keeps the prefix
+    of one sorted top-k of ``widest``."""
     magnitude = flat.abs()
     if counts is None:
         mask = _top_mask(magnitude, widest)
@@ -146,7 +147,7 @@ def _pruned_input(flat: torch.Tensor, counts: torch.Tensor | None, widest: int, 
         elif flat.shape[0] <= 8:  # a decode batch: one small top-k per row costs least
             mask = torch.zeros_like(flat, dtype=torch.bool)
             for row, count in enumerate(counts.tolist()):
-                mask[row].scatter_(-1, torch.topk(magnitude[row], min(count, flat.shape[-1]), sorted=False).indices, True)
+                _top_mask(magnitude[row], count, out=mask[row])
         else:  # teacher-forced rows: one top-k per distinct count
             mask = torch.empty_like(flat, dtype=torch.bool)
             for count in levels:
@@ -159,11 +160,12 @@ def _pruned_input(flat: torch.Tensor, counts: torch.Tensor | None, widest: int, 
     return torch.where(mask, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
 
 
-def _top_mask(magnitude: torch.Tensor, count: int) -> torch.Tensor:
-    """(R, Din) bool: each row's ``count`` largest entries of ``magnitude`` (unsorted top-k)."""
+def _top_mask(magnitude: torch.Tensor, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., Din) bool: each row's ``count`` largest entries of ``magnitude`` (unsorted top-k),
+    written into ``out`` (all False) where given."""
+    mask = torch.zeros_like(magnitude, dtype=torch.bool) if out is None else out
     if count >= magnitude.shape[-1]:
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    mask = torch.zeros_like(magnitude, dtype=torch.bool)
+        return mask.fill_(True)
     return mask.scatter_(-1, torch.topk(magnitude, count, dim=-1, sorted=False).indices, True)
 
 
