@@ -352,11 +352,18 @@ class SolForCausalLM(SolHubMixin, nn.Module):
                     decode: bool, host_planning: bool) -> StepState:
         """StepState for (B, T) or (B,) action indices (flattened b-major)."""
         values = self.space.values(actions.reshape(-1).long())
-        return StepState(
+        host = host_plan(values) if host_planning else None
+        # Every row keeps every channel at full precision (no int8 copies read): the projections
+        # run their own forward and the step is charged their full bytes here, once.
+        dense = host is not None and host.all_channels_kept and not (self.sol_config.quantize == "weights" and host.any_quant)
+        step = StepState(
             attention_keep=values["attention_keep"], activation_index=values["activation_index"], bits=values["bits"],
-            config=self.sol_config, host=host_plan(values) if host_planning else None, decode=decode,
-            left_padding=left_padding, total_length=total_length, cache=cache,
+            config=self.sol_config, host=host, decode=decode,
+            left_padding=left_padding, total_length=total_length, cache=cache, projections_dense=dense,
         )
+        if dense:
+            step.projection_bytes.add(sum(group.full_bytes for executor in self._layer_executors for group in executor.groups))
+        return step
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 actions: torch.Tensor | None = None, **kwargs) -> SolCausalLMOutput:

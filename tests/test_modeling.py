@@ -339,17 +339,38 @@ def test_executed_ops_match_the_reference_per_row_in_padded_batches(family):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
-def test_report_counts_the_bytes_the_executed_ops_read(backend, monkeypatch):
+@pytest.mark.parametrize("activation", [0.4, 1.0], ids=["pruned", "every_channel"])
+def test_report_counts_the_bytes_the_executed_ops_read(backend, activation, monkeypatch):
     """The report's cost is what the ops read: counted here independently by instrumenting the
-    executed MLP op (weight rows handed to it) and attention op (pages it reads)."""
+    executed MLP op (weight rows handed to it), the dense projections of the pruned sites (their
+    weights, whole) and the attention op (pages it reads). At activation keep 1.0 every step's
+    projections run their own forward (on CPU without SOL's per-call path: the step is charged
+    their bytes in one sum when it is made), so only the dense count moves."""
+    import torch.nn.functional as F
+
     from sol_hf import ops
     from sol_hf.ops import use_backend
+    from sol_hf.runtime import projections
 
     model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)
     model.attention_overhead_bytes["cpu"] = 0.0
     cm = model.cost_model
     read = {"activation": 0.0, "kv": 0.0}
     token_bytes = cm.bytes.kv_per_token[0]
+    sites = {id(p.weight): p for e in model._layer_executors for g in e.groups for p in g.projections}
+    real_linear, real_outputs, per_call = F.linear, projections._PrunedProjections.outputs, [0]
+
+    def count_dense(x, weight, bias=None):
+        if id(weight) in sites and model._runtime.step is not None:  # a controlled step's, not the prefill's
+            read["activation"] += weight.numel() * weight.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
+        return real_linear(x, weight, bias)
+
+    def count_calls(self, x, step):
+        per_call[0] += 1
+        return real_outputs(self, x, step)
+
+    monkeypatch.setattr(F, "linear", count_dense)
+    monkeypatch.setattr(projections._PrunedProjections, "outputs", count_calls)
 
     def count_mlp(real):
         def wrapped(x, weight_t, channel_idx, channel_count, bias=None, **kw):
@@ -379,8 +400,11 @@ def test_report_counts_the_bytes_the_executed_ops_read(backend, monkeypatch):
     context, new = 48, 7
     with use_backend(backend):
         model.generate(_ids(1, context), max_new_tokens=new, do_sample=False, controller="uniform",
-                       compute_budget={"attention": 0.25, "activation": 0.4})  # keeps 0.3 and 0.5: both run sparse
+                       compute_budget={"attention": 0.25, "activation": activation})  # 0.4: keeps 0.3 and 0.5, both sparse
     report = model.last_compute_report
+    if activation == 1.0:
+        assert report.activation_keep.item() == 1.0 and report.attention_keep.item() < 1.0
+        assert (per_call[0] == 0) == (backend == "torch"), per_call  # Triton steps plan nothing on the host
     lengths = torch.arange(context + 1, context + new)  # the controlled steps' context lengths
     dense = cm.dense_bytes(lengths)
     fixed = cm.bytes.fixed * len(lengths)  # every step reads the fixed weights; MLP and KV were counted above

@@ -6,8 +6,11 @@ MLP's gate/up projections, its down projection) it prepares the transposed weigh
 sparse ops read, ``(Din, Dout)`` row-major so one input channel's weights are one contiguous row
 (projections that share their input are fused: q/k/v into one ``(Din, Dq + Dk + Dv)`` matrix,
 gate/up likewise), and replaces the ``forward`` of those projections by an instance attribute.
-Outside a controlled step the original ``forward`` runs; :meth:`LayerExecutor.remove` deletes
-the attributes and frees the prepared copies.
+Outside a controlled step the original ``forward`` runs, and so it does in a step whose rows
+all keep every channel at full precision where the host knows it (``StepState.projections_dense``:
+the step was charged the sites' full bytes when it was made, so a dense step pays no per-call
+Python, about 3 ms of a SmolLM2 step on CPU); :meth:`LayerExecutor.remove` deletes the attributes
+and frees the prepared copies.
 
 During a controlled decode step each row keeps its top-``ceil(keep * Din)`` channels by
 ``|x|`` (``torch.topk``, no full sort on CPU), and the projections run one of two paths, chosen
@@ -356,7 +359,7 @@ class _PrunedProjections:
         for position, (module, original) in enumerate(zip(self.projections, self.originals)):
             def forward(x, *args, _position=position, _original=original, **kwargs):
                 step = runtime.step
-                if step is None:
+                if step is None or step.projections_dense:
                     return _original(x, *args, **kwargs)
                 return self.outputs(x, step)[_position]
 

@@ -65,6 +65,7 @@ class HostPlan:
     activation_index: tuple[int, ...]
     attention_keep: tuple[float, ...]
     bits: tuple[int, ...]
+    activation_keep: tuple[float, ...] = ()
 
     @functools.cached_property  # read by every projection and attention call of the step
     def any_quant(self) -> bool:
@@ -73,6 +74,10 @@ class HostPlan:
     @functools.cached_property
     def all_attention_dense(self) -> bool:
         return all(k >= 1.0 for k in self.attention_keep)
+
+    @functools.cached_property
+    def all_channels_kept(self) -> bool:
+        return len(self.activation_keep) > 0 and all(k >= 1.0 for k in self.activation_keep)
 
 
 @dataclass
@@ -94,6 +99,10 @@ class StepState:
         cache: the KV cache of the call (a :class:`~sol_hf.cache.PageBoundsLayer` in it supplies
             the Quest page bounds instead of recomputing them from every key).
         layouts: per (kv_len, q_len), slot masks computed once per step and shared by the layers.
+        projections_dense: every row keeps every input channel at full precision and the host
+            knows it: the patched projections run their original forward untouched, and the step
+            was charged every pruned site's full bytes when it was made (one sum per step, not a
+            Python call per projection).
     """
 
     attention_keep: torch.Tensor
@@ -108,6 +117,7 @@ class StepState:
     total_length: int = 0
     cache: Any = None
     layouts: dict = field(default_factory=dict)
+    projections_dense: bool = False
 
     def __post_init__(self) -> None:
         rows = self.attention_keep.shape[0]

@@ -185,4 +185,5 @@ def host_plan(values: dict[str, torch.Tensor]) -> HostPlan:
         activation_index=tuple(values["activation_index"].tolist()),
         attention_keep=tuple(values["attention_keep"].tolist()),
         bits=tuple(values["bits"].tolist()),
+        activation_keep=tuple(values["activation_keep"].tolist()),
     )
