@@ -1017,3 +1017,33 @@ def test_pruned_input_keeps_each_rows_count_of_largest_channels_on_every_path(ro
         assert torch.equal(host[r] != 0, alone), r
     uniform = _pruned_input(flat, None, 14, host_sizes=True)
     assert torch.equal(uniform, _pruned_input(flat, torch.full((rows,), 14), 14, host_sizes=True))
+
+
+@pytest.mark.parametrize("quantize", ["activations", "weights"])
+def test_a_decode_batch_keeps_each_rows_own_channels_on_the_kept_row_path(quantize):
+    """Rows of a decode batch at different activation keeps, on the kept-row op (CPU, planned on
+    the host), each get the output they get decoded alone, also where |x| has an exact tie at
+    each row's boundary (its count-th and next largest magnitudes are equal): each row takes the
+    top-k of its own count, the call it makes alone, not a prefix of the batch's widest sorted
+    top-k, which can keep the other channel of the tied pair."""
+    from sol_hf.actions import kept_count
+    from sol_hf.config import replace
+
+    config = replace(WIDE_CONFIG, bits=(8, 16), quantize="weights") if quantize == "weights" else WIDE_CONFIG
+    model = SolForCausalLM(tiny_model("llama", **WIDE), config)
+    model.cost_model.sparse_linear_read_factor["cpu"] = 1.0  # the rows' kept channels together stay under the whole weight
+    space, bits = model.space, min(config.bits)
+    keeps = [k for k in space.activation_keep if k < 1.0][:2]
+    actions = torch.tensor([space.index_of(1.0, k, bits) for k in keeps])
+    generator = torch.Generator().manual_seed(0)
+    for group in model._layer_executors[0].groups:
+        x = torch.randn(len(keeps), 1, group.width, generator=generator)
+        for row, keep in enumerate(keeps):  # tie the row's boundary: its count-th largest |x| repeats, sign flipped
+            order = x[row, 0].abs().argsort(descending=True)
+            count = kept_count(keep, group.width)
+            x[row, 0, order[count]] = -x[row, 0, order[count - 1]]
+        batch = group.outputs(x, model._step_state(actions, None, 0, None, True, True))
+        for row in range(len(keeps)):
+            alone = group.outputs(x[row : row + 1].clone(), model._step_state(actions[row : row + 1], None, 0, None, True, True))
+            for together, by_itself in zip(batch, alone):
+                torch.testing.assert_close(together[row : row + 1], by_itself, rtol=1e-5, atol=1e-5)

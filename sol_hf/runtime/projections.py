@@ -125,37 +125,62 @@ def _prepare_lora(projections: list[nn.Module]) -> tuple[torch.Tensor | None, li
     return fused, parts
 
 
+def _own_top_k(magnitude: torch.Tensor, counts: torch.Tensor, host_counts: list[int]) -> list[tuple]:
+    """Each row's channels: an unsorted ``topk`` of its own count over its ``magnitude`` row
+    (R, Din), the call a row decoded alone makes, so exact ties at a row's boundary break the same
+    way alone and in a batch, on the kept-row path and the masked one. ``counts`` (R,) holds
+    ``host_counts`` on the device. Returns ``(rows, indices)`` pairs: ``rows`` an int and
+    ``indices`` (count,) in a small batch (one top-k per row costs least), or ``rows`` an (n,)
+    int64 tensor of the rows sharing a count and ``indices`` (n, count) for many rows
+    (teacher-forced episodes score thousands of rows at a few levels: one top-k per distinct
+    count; the device path's sorted top-k of the widest count, shared by all rows, took 2.5-2.8x as
+    long for 2048 rows and 1.6-1.8x for 4, ``benchmarks/pruned_input_cpu.py``)."""
+    if magnitude.shape[0] <= 8:
+        return [(row, torch.topk(magnitude[row], count, sorted=False).indices) for row, count in enumerate(host_counts)]
+    picks = []
+    for count in sorted(set(host_counts)):
+        rows = (counts == count).nonzero().squeeze(-1)
+        picks.append((rows, torch.topk(magnitude.index_select(0, rows), count, dim=-1, sorted=False).indices))
+    return picks
+
+
+def _own_channels(magnitude: torch.Tensor, counts: torch.Tensor | None, host_counts: list[int]) -> torch.Tensor:
+    """(R, widest) int64 for the kept-row ops: row ``r``'s first ``host_counts[r]`` entries are its
+    :func:`_own_top_k` channels (the prefix the op reads); past them, unused repeats of its first."""
+    widest = max(host_counts)
+    if min(host_counts) == widest:
+        return torch.topk(magnitude, widest, dim=-1, sorted=False).indices
+    channels = torch.empty(magnitude.shape[0], widest, dtype=torch.long, device=magnitude.device)
+    for rows, own in _own_top_k(magnitude, counts, host_counts):
+        channels[rows, : own.shape[-1]] = own
+        channels[rows, own.shape[-1] :] = own[..., :1]
+    return channels
+
+
 def _pruned_input(flat: torch.Tensor, counts: torch.Tensor | None, widest: int, host_sizes: bool = False) -> torch.Tensor:
     """(R, Din) ``flat`` with all but each row's ``counts`` largest-|x| channels zeroed: exactly
     ``count`` channels per row, the ones the sparse ops read (a threshold on |x| would keep every
     tied channel; exact ties are common: with grouped-query attention the heads that share a KV
     head output the same values at a row's first token). ``widest``: the largest count;
     ``counts=None``: every row keeps ``widest``. ``host_sizes``: the step plans on the host
-    (``StepState.host``), so ``counts`` may be read there.
-
-    Each row's channels come from an unsorted ``topk`` of its own count, the call a row decoded
-    alone makes: where the counts may be read on the host (CPU), one call per row in a small
-    batch and one per distinct count in a large one (teacher-forced episodes score thousands of
-    rows at a few levels; a sorted top-k of the widest count, shared by all rows, took 2.7-2.9x as
-    long for 2048 rows and 1.4-1.7x for 4: ``benchmarks/pruned_input_cpu.py``). Elsewhere (no host
-    read: CUDA steps must not sync, and a step compiles into one graph) each row keeps the prefix
-    of one sorted top-k of ``widest``."""
+    (``StepState.host``), so ``counts`` may be read there: each row's channels are then
+    :func:`_own_top_k`, the ones the kept-row op reads for it in a batch and alone. Elsewhere
+    (no host read: CUDA steps must not sync, and a step compiles into one graph) each row keeps
+    the prefix of one sorted top-k of ``widest``."""
     magnitude = flat.abs()
     if counts is None:
         mask = _top_mask(magnitude, widest)
     elif host_sizes:
-        levels = counts.unique().tolist()
-        if len(levels) == 1:
-            mask = _top_mask(magnitude, levels[0])
-        elif flat.shape[0] <= 8:  # a decode batch: one small top-k per row costs least
+        host_counts = counts.tolist()
+        if min(host_counts) == max(host_counts):
+            mask = _top_mask(magnitude, host_counts[0])
+        else:  # the channels :func:`_own_channels` gives the kept-row op
             mask = torch.zeros_like(flat, dtype=torch.bool)
-            for row, count in enumerate(counts.tolist()):
-                _top_mask(magnitude[row], count, out=mask[row])
-        else:  # teacher-forced rows: one top-k per distinct count
-            mask = torch.empty_like(flat, dtype=torch.bool)
-            for count in levels:
-                rows = (counts == count).nonzero().squeeze(-1)
-                mask.index_copy_(0, rows, _top_mask(magnitude.index_select(0, rows), count))
+            for rows, own in _own_top_k(magnitude, counts, host_counts):
+                if isinstance(rows, int):
+                    mask[rows].scatter_(-1, own, True)
+                else:
+                    mask.index_copy_(0, rows, torch.zeros_like(mask[: len(rows)]).scatter_(-1, own, True))
     else:
         channels = torch.topk(magnitude, widest, dim=-1, sorted=True).indices  # (R, widest), largest first
         mask = torch.zeros_like(flat, dtype=torch.bool)
@@ -163,10 +188,9 @@ def _pruned_input(flat: torch.Tensor, counts: torch.Tensor | None, widest: int, 
     return torch.where(mask, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
 
 
-def _top_mask(magnitude: torch.Tensor, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(..., Din) bool: each row's ``count`` largest entries of ``magnitude`` (unsorted top-k),
-    written into ``out`` (all False) where given."""
-    mask = torch.zeros_like(magnitude, dtype=torch.bool) if out is None else out
+def _top_mask(magnitude: torch.Tensor, count: int) -> torch.Tensor:
+    """(..., Din) bool: each row's ``count`` largest entries of ``magnitude`` (unsorted top-k)."""
+    mask = torch.zeros_like(magnitude, dtype=torch.bool)
     if count >= magnitude.shape[-1]:
         return mask.fill_(True)
     return mask.scatter_(-1, torch.topk(magnitude, count, dim=-1, sorted=False).indices, True)
@@ -240,8 +264,13 @@ class _PrunedProjections:
             results = tuple(f(x) for f in self.originals)
             step.projection_bytes.add(self.full_bytes)
         elif sparse:
-            # (R, widest); largest first where rows keep different counts (each reads a prefix)
-            channels = torch.topk(flat.abs(), widest, dim=-1, sorted=not uniform).indices
+            # (R, widest): each row reads its count's prefix. Planned on the host: every row's own
+            # top-k (the channels it keeps decoded alone); on the device: one sorted top-k.
+            if step.host is not None:
+                host_counts = [widest] if uniform else [self.counts_host[i] for i in step.host.activation_index]
+                channels = _own_channels(flat.abs(), counts, host_counts)
+            else:
+                channels = torch.topk(flat.abs(), widest, dim=-1, sorted=not uniform).indices
             fused = ops.sparse_linear(flat, self.weight_t, channels, counts, self.bias)
             if self.lora_t is not None:
                 flat_results = [fused] if len(self.widths) == 1 else list(fused.split(self.widths, dim=-1))
@@ -312,7 +341,7 @@ class _PrunedProjections:
         if uniform and widest >= self.width:  # every channel: no selection
             channels = self._every_channel(flat.shape[0], flat.device)
         else:
-            channels = torch.topk(flat.abs(), widest, dim=-1, sorted=not uniform).indices
+            channels = _own_channels(flat.abs(), counts, host_counts)
         return ops.sparse_linear_int8(flat, self.int8, channels, None if uniform else counts, self.bias)
 
     def _every_channel(self, rows: int, device: torch.device) -> torch.Tensor:
