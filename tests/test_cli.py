@@ -1,6 +1,7 @@
 """sol-hf CLI, run in-process through main([...]) on a tiny random model saved with a tiny tokenizer."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -14,6 +15,19 @@ TEXT = (
     "The quick brown fox jumps over the lazy dog. Python is a programming language that lets you work quickly "
     "and integrate systems more effectively. A list is a mutable sequence; a tuple is an immutable one. "
 ) * 3
+
+
+@pytest.fixture(autouse=True)
+def _omp_wait_policy_as_the_run_started():
+    """``main`` sets OMP_WAIT_POLICY in this process unless it is set (``setdefault``); put the
+    variable back after each test, so that later test files see the environment the run began
+    with (OpenMP itself read it at load and is not affected either way)."""
+    before = os.environ.get("OMP_WAIT_POLICY")
+    yield
+    if before is None:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = before
 
 
 @pytest.fixture(scope="module")
