@@ -168,32 +168,25 @@ def _pruned_input(flat: torch.Tensor, counts: torch.Tensor | None, widest: int, 
     (no host read: CUDA steps must not sync, and a step compiles into one graph) each row keeps
     the prefix of one sorted top-k of ``widest``."""
     magnitude = flat.abs()
-    if counts is None:
-        mask = _top_mask(magnitude, widest)
-    elif host_sizes:
-        host_counts = counts.tolist()
-        if min(host_counts) == max(host_counts):
-            mask = _top_mask(magnitude, host_counts[0])
-        else:  # the channels :func:`_own_channels` gives the kept-row op
-            mask = torch.zeros_like(flat, dtype=torch.bool)
-            for rows, own in _own_top_k(magnitude, counts, host_counts):
-                if isinstance(rows, int):
-                    mask[rows].scatter_(-1, own, True)
-                else:
-                    mask.index_copy_(0, rows, torch.zeros_like(mask[: len(rows)]).scatter_(-1, own, True))
-    else:
-        channels = torch.topk(magnitude, widest, dim=-1, sorted=True).indices  # (R, widest), largest first
-        mask = torch.zeros_like(flat, dtype=torch.bool)
-        mask.scatter_(-1, channels, torch.arange(widest, device=flat.device) < counts.unsqueeze(-1))
-    return torch.where(mask, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
-
-
-def _top_mask(magnitude: torch.Tensor, count: int) -> torch.Tensor:
-    """(..., Din) bool: each row's ``count`` largest entries of ``magnitude`` (unsorted top-k)."""
-    mask = torch.zeros_like(magnitude, dtype=torch.bool)
-    if count >= magnitude.shape[-1]:
-        return mask.fill_(True)
-    return mask.scatter_(-1, torch.topk(magnitude, count, dim=-1, sorted=False).indices, True)
+    pruned = torch.zeros_like(flat)  # kept values are scattered in: cheaper than a bool mask and a where
+    host_counts = counts.tolist() if host_sizes and counts is not None else None
+    if counts is None or (host_counts is not None and min(host_counts) == max(host_counts)):
+        count = widest if counts is None else host_counts[0]
+        if count >= flat.shape[-1]:
+            return flat
+        kept = torch.topk(magnitude, count, dim=-1, sorted=False).indices
+        return pruned.scatter_(-1, kept, flat.gather(-1, kept))
+    if host_counts is not None:  # the channels :func:`_own_channels` gives the kept-row op
+        for rows, own in _own_top_k(magnitude, counts, host_counts):
+            if isinstance(rows, int):
+                pruned[rows].scatter_(-1, own, flat[rows].gather(-1, own))
+            else:
+                picked = flat.index_select(0, rows)
+                pruned.index_copy_(0, rows, torch.zeros_like(picked).scatter_(-1, own, picked.gather(-1, own)))
+        return pruned
+    channels = torch.topk(magnitude, widest, dim=-1, sorted=True).indices  # (R, widest), largest first
+    used = torch.arange(widest, device=flat.device) < counts.unsqueeze(-1)
+    return pruned.scatter_(-1, channels, torch.where(used, flat.gather(-1, channels), 0.0))
 
 
 class _PrunedProjections:
