@@ -416,15 +416,21 @@ def test_report_counts_the_bytes_the_executed_ops_read(backend, activation, monk
     assert report.cost.item() < report.nominal_cost.item() + 0.05
 
 
-def _calibrate_on_a_byte_clock(model, monkeypatch, sparse_time) -> dict:
+def _calibrate_on_a_byte_clock(model, monkeypatch, sparse_time, selection_time: float = 0.0) -> dict:
     """``model.calibrate_sparse_read_factor`` with a clock instead of time: the dense projection
-    takes one unit per weight byte, the kept-row op ``sparse_time(kept bytes)``."""
+    takes one unit per weight byte, the kept-row op ``sparse_time(kept bytes)``, each top-k
+    channel selection ``selection_time``."""
     import torch.nn.functional as F
 
+    from sol_hf import ops
     from sol_hf.runtime import calibrate
 
     clock = [0.0]
-    real_linear, real_sparse = F.linear, calibrate.ops.sparse_linear
+    real_linear, real_sparse, real_topk = F.linear, ops.sparse_linear, torch.topk
+
+    def topk(*args, **kwargs):
+        clock[0] += selection_time
+        return real_topk(*args, **kwargs)
 
     def linear(x, weight, bias=None):
         clock[0] += weight.numel() * weight.element_size()
@@ -435,7 +441,8 @@ def _calibrate_on_a_byte_clock(model, monkeypatch, sparse_time) -> dict:
         return real_sparse(x, weight_t, idx, count, bias)
 
     monkeypatch.setattr(F, "linear", linear)
-    monkeypatch.setattr(calibrate.ops, "sparse_linear", sparse)
+    monkeypatch.setattr(ops, "sparse_linear", sparse)
+    monkeypatch.setattr(torch, "topk", topk)
     monkeypatch.setattr(calibrate.time, "perf_counter", lambda: clock[0])
     result = model.calibrate_sparse_read_factor(repeats=3)
     monkeypatch.undo()
@@ -488,6 +495,26 @@ def test_calibration_runs_the_kept_row_op_at_every_keep_where_it_measured_faster
     prefix = model(ids[:, :39], use_cache=True)
     model(ids[:, 39:], cache=prefix.cache, actions=torch.tensor([[model.space.index_of(1.0, 0.7, 16)]]))
     assert calls
+
+
+def test_calibration_times_the_channel_selection_with_the_kept_row_op(monkeypatch):
+    """The alternative to a pruned keep is the dense action, which selects nothing, so the
+    calibration times each pruned site as a decode step runs it: its top-k channel selection
+    too. An op as fast per byte as dense (alone it would pay at every keep: factor 1.0) whose
+    selections cost 0.4 of the dense pass breaks even at 60 % of the bytes: factor 1 / 0.6, so
+    keep 0.5 still runs the kept-row op and keep 0.7 runs (and is charged) dense."""
+    model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)  # activation keeps 0.3 / 0.5 / 0.7
+    groups = [g for executor in model._layer_executors for g in executor.groups]
+    per_selection = 0.4 * sum(g.width * g.row_bytes for g in groups) / len(groups)
+    assert _calibrate_on_a_byte_clock(model, monkeypatch, lambda kept_bytes: kept_bytes)["factor"] == pytest.approx(1.0)
+    result = _calibrate_on_a_byte_clock(model, monkeypatch, lambda kept_bytes: kept_bytes, selection_time=per_selection)
+    for keep, level in result["levels"].items():
+        assert level["time_ratio"] == pytest.approx(level["byte_fraction"] + 0.4, rel=1e-3), keep
+    assert result["factor"] == pytest.approx(1 / 0.6, rel=1e-3)
+    table = model.cost_model.cost_table(torch.tensor([40]), False)[0]
+    dense = table[model.space.dense_index].item()
+    assert table[model.space.index_of(1.0, 0.5, 16)].item() < dense - 1e-6
+    assert table[model.space.index_of(1.0, 0.7, 16)].item() == pytest.approx(dense)
 
 
 def test_break_even_factor_flips_the_path_where_the_op_measured_slower():

@@ -264,13 +264,7 @@ class _PrunedProjections:
                 channels = _own_channels(flat.abs(), counts, host_counts)
             else:
                 channels = torch.topk(flat.abs(), widest, dim=-1, sorted=not uniform).indices
-            fused = ops.sparse_linear(flat, self.weight_t, channels, counts, self.bias)
-            if self.lora_t is not None:
-                flat_results = [fused] if len(self.widths) == 1 else list(fused.split(self.widths, dim=-1))
-                self._add_adapters(flat_results, flat, channels, counts)
-                results = tuple(y.view(*lead, y.shape[-1]) for y in flat_results)
-            else:  # (..., sum Dout) -> each projection's (..., Dout) view
-                results = torch.split_with_sizes(fused.view(*lead, fused.shape[-1]), self.widths, dim=-1)
+            results = self.kept_row_outputs(flat, channels, counts, lead)
             if row_bytes_read is not None:
                 step.projection_bytes.add(row_bytes_read)
             else:
@@ -282,6 +276,19 @@ class _PrunedProjections:
             step.projection_bytes.add(self.full_bytes)
         self._last_input, self._last_step, self._last_outputs = x, step, results
         return results
+
+    def kept_row_outputs(self, flat: torch.Tensor, channels: torch.Tensor, counts: torch.Tensor | None,
+                         lead: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """Every projection's (*lead, Dout) output from the kept-row op: ``flat`` (R, Din) reading
+        the first ``counts[r]`` of ``channels`` (R, K) per row (``None``: all K), the adapters'
+        kept rows too."""
+        fused = ops.sparse_linear(flat, self.weight_t, channels, counts, self.bias)
+        if self.lora_t is not None:
+            flat_results = [fused] if len(self.widths) == 1 else list(fused.split(self.widths, dim=-1))
+            self._add_adapters(flat_results, flat, channels, counts)
+            return tuple(y.view(*lead, y.shape[-1]) for y in flat_results)
+        # (..., sum Dout) -> each projection's (..., Dout) view
+        return torch.split_with_sizes(fused.view(*lead, fused.shape[-1]), self.widths, dim=-1)
 
     def _int8_outputs(self, x: torch.Tensor, flat: torch.Tensor, step: StepState) -> tuple[torch.Tensor, ...]:
         """:meth:`outputs` where rows may read the int8 copy (``bits`` below 16 with
