@@ -450,17 +450,21 @@ def _calibrate_on_a_byte_clock(model, monkeypatch, sparse_time, selection_time: 
 
 
 def test_calibration_measures_the_read_factor_and_moves_path_choice_and_costs(monkeypatch):
-    """calibrate_sparse_read_factor times the dense projections against the kept-row op on the
-    model's own weights. With a clock that charges the dense op one unit per weight byte and the
-    sparse op two per kept byte, the factor is 2.0 at every level; it is stored for the weights'
-    dtype, and from then on keeps with keep x 2 >= 1 run the masked dense projection and cost
-    what dense costs, while lower keeps still run the kept-row op."""
+    """calibrate_sparse_read_factor times decode steps with the kept-row op against dense ones on
+    the model's own weights. With a clock that charges the dense op one unit per weight byte and
+    the sparse op two per kept byte, every level's time ratio is twice its byte fraction, and the
+    factor is where that reaches 0.9 (``PAYS_BELOW``): 1 / 0.45. It is stored for the weights'
+    dtype, and from then on keeps with keep x factor >= 1 run the masked dense projection and
+    cost what dense costs, while lower keeps still run the kept-row op."""
+    from sol_hf.runtime.calibrate import PAYS_BELOW
+
+    assert PAYS_BELOW == 0.9
     model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)  # activation keeps 0.3 / 0.5 / 0.7
     result = _calibrate_on_a_byte_clock(model, monkeypatch, lambda kept_bytes: 2 * kept_bytes)
-    assert result["key"] == "cpu:float32" and result["factor"] == pytest.approx(2.0, rel=1e-3)
+    assert result["key"] == "cpu:float32" and result["factor"] == pytest.approx(1 / 0.45, rel=1e-3)
     for keep, level in result["levels"].items():
         assert level["time_ratio"] == pytest.approx(2 * level["byte_fraction"], rel=1e-3), keep
-    assert model.sparse_linear_read_factor["cpu:float32"] == pytest.approx(2.0, rel=1e-3)
+    assert model.sparse_linear_read_factor["cpu:float32"] == pytest.approx(1 / 0.45, rel=1e-3)
 
     calls = []
     real_bag = torch.nn.functional.embedding_bag
@@ -468,7 +472,7 @@ def test_calibration_measures_the_read_factor_and_moves_path_choice_and_costs(mo
     ids = _ids(1, 40)
     prefix = model(ids[:, :39], use_cache=True)
     dense_cost = model.cost_model.cost_table(torch.tensor([40]), False)[0, model.space.dense_index].item()
-    for keep, runs_sparse in ((0.7, False), (0.5, False), (0.3, True)):  # 0.5 x 2 = 1.0: not below the width
+    for keep, runs_sparse in ((0.7, False), (0.5, False), (0.3, True)):  # 0.5 / 0.45 > 1: above the width
         calls.clear()
         action = model.space.index_of(1.0, keep, 16)
         out = model(ids[:, 39:], cache=copy.deepcopy(prefix.cache), actions=torch.tensor([[action]]))
@@ -477,17 +481,17 @@ def test_calibration_measures_the_read_factor_and_moves_path_choice_and_costs(mo
 
 
 def test_calibration_runs_the_kept_row_op_at_every_keep_where_it_measured_faster(monkeypatch):
-    """A kept-row op with a fixed cost per call: its time is the kept bytes plus 0.2 of the dense
-    pass, so it is faster than dense up to 80 % of the bytes. The factor is where the two meet,
-    1 / 0.8 = 1.25 (the largest time-per-byte ratio, 0.5 / 0.3 at keep 0.3, would keep 0.7 off
-    the op although it measured 0.9 of the dense time), and keep 0.7 runs the kept-row op."""
+    """A kept-row op with a fixed cost per call: its time is the kept bytes plus 0.15 of the dense
+    pass, so it takes 0.9 of the dense time (``PAYS_BELOW``) at 75 % of the bytes. The factor is
+    1 / 0.75 (the largest time-per-byte ratio, 0.45 / 0.3 at keep 0.3, would keep 0.7 off the op
+    although it measured 0.85 of the dense time), and keep 0.7 runs the kept-row op."""
     model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)  # activation keeps 0.3 / 0.5 / 0.7
     groups = [g for executor in model._layer_executors for g in executor.groups]
-    per_call = 0.2 * sum(g.width * g.row_bytes for g in groups) / len(groups)
+    per_call = 0.15 * sum(g.width * g.row_bytes for g in groups) / len(groups)
     result = _calibrate_on_a_byte_clock(model, monkeypatch, lambda kept_bytes: kept_bytes + per_call)
-    assert result["levels"][0.7]["time_ratio"] == pytest.approx(0.2 + result["levels"][0.7]["byte_fraction"], rel=1e-3)
-    assert result["levels"][0.3]["factor"] > 1.6  # the old rule's figure
-    assert result["factor"] == pytest.approx(1.25, rel=1e-3)
+    assert result["levels"][0.7]["time_ratio"] == pytest.approx(0.15 + result["levels"][0.7]["byte_fraction"], rel=1e-3)
+    assert result["levels"][0.3]["factor"] > 1 / 0.7  # the old rule's figure
+    assert result["factor"] == pytest.approx(1 / 0.75, rel=1e-3)
     calls = []
     real_bag = torch.nn.functional.embedding_bag
     monkeypatch.setattr(torch.nn.functional, "embedding_bag", lambda *a, **k: calls.append(1) or real_bag(*a, **k))
@@ -500,16 +504,18 @@ def test_calibration_runs_the_kept_row_op_at_every_keep_where_it_measured_faster
 def test_calibration_times_the_channel_selection_with_the_kept_row_op(monkeypatch):
     """The alternative to a pruned keep is the dense action, which selects nothing, so the
     calibration times each pruned site as a decode step runs it: its top-k channel selection
-    too. An op as fast per byte as dense (alone it would pay at every keep: factor 1.0) whose
-    selections cost 0.4 of the dense pass breaks even at 60 % of the bytes: factor 1 / 0.6, so
-    keep 0.5 still runs the kept-row op and keep 0.7 runs (and is charged) dense."""
+    too. An op as fast per byte as dense (alone it would pay at 90 % of the bytes: factor 1 / 0.9)
+    whose selections cost 0.3 of the dense pass reaches 0.9 of the dense time (``PAYS_BELOW``)
+    at 60 % of the bytes: factor 1 / 0.6, so keep 0.5 still runs the kept-row op and keep 0.7
+    runs (and is charged) dense."""
     model = SolForCausalLM(tiny_model("llama", **WIDE), WIDE_CONFIG)  # activation keeps 0.3 / 0.5 / 0.7
     groups = [g for executor in model._layer_executors for g in executor.groups]
-    per_selection = 0.4 * sum(g.width * g.row_bytes for g in groups) / len(groups)
-    assert _calibrate_on_a_byte_clock(model, monkeypatch, lambda kept_bytes: kept_bytes)["factor"] == pytest.approx(1.0)
+    per_selection = 0.3 * sum(g.width * g.row_bytes for g in groups) / len(groups)
+    alone = _calibrate_on_a_byte_clock(model, monkeypatch, lambda kept_bytes: kept_bytes)["factor"]
+    assert alone == pytest.approx(1 / 0.9, rel=1e-3)
     result = _calibrate_on_a_byte_clock(model, monkeypatch, lambda kept_bytes: kept_bytes, selection_time=per_selection)
     for keep, level in result["levels"].items():
-        assert level["time_ratio"] == pytest.approx(level["byte_fraction"] + 0.4, rel=1e-3), keep
+        assert level["time_ratio"] == pytest.approx(level["byte_fraction"] + 0.3, rel=1e-3), keep
     assert result["factor"] == pytest.approx(1 / 0.6, rel=1e-3)
     table = model.cost_model.cost_table(torch.tensor([40]), False)[0]
     dense = table[model.space.dense_index].item()
@@ -526,6 +532,10 @@ def test_break_even_factor_flips_the_path_where_the_op_measured_slower():
     assert 0.3 * break_even_factor([(0.3, 1.2), (0.5, 1.5)]) >= 1.0
     assert break_even_factor([(0.3, 0.5)]) == pytest.approx(0.5 / 0.3)  # one level: through the origin
     assert break_even_factor([(0.3, 0.3), (0.5, 0.45), (0.7, 0.6)]) == 1.0  # never slower: at least 1.0
+    # with a margin: the op runs where it takes at most 0.9 of the dense time
+    assert break_even_factor([(0.3, 0.6), (0.5, 1.0), (0.7, 1.4)], pays_below=0.9) == pytest.approx(1 / 0.45)
+    assert break_even_factor([(0.3, 0.95), (0.5, 1.5)], pays_below=0.9) == pytest.approx(0.95 / (0.3 * 0.9))  # none pays
+    assert 0.3 * break_even_factor([(0.3, 0.95), (0.5, 1.5)], pays_below=0.9) >= 1.0
     noisy = break_even_factor([(0.3, 0.5), (0.5, 1.05), (0.7, 0.95)])  # 0.5 measured slower: 0.7 is not trusted
     assert 0.3 * noisy < 1.0 <= 0.5 * noisy
 

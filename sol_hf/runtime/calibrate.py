@@ -24,11 +24,11 @@ one, and budgets 0.8-0.6 decoded more slowly than the base model (2026-12-02).
 
 The factor only decides the path (kept rows x factor < all rows: the kept-row op; the bytes
 charged are what the chosen path reads), so it is taken where that decision flips: at the
-break-even fraction of the weight bytes where the pruned sites would take as long as the dense
-projections, found on the line through the two measured levels around it (past the last level
+fraction of the weight bytes where the pruned sites would take ``PAYS_BELOW`` (0.9) of the dense
+projections' time, found on the line through the two measured levels around it (past the last level
 when every level measured faster, the last two; none faster: the largest time-per-byte ratio).
-``factor = 1 / break-even fraction``, the time-per-byte ratio there, so the op runs exactly at
-the measured levels where the pruned sites were faster. At least 1.0.
+``factor = 1 / that fraction``, so the op runs exactly at the measured levels where the pruned
+sites were at least 10 % faster. At least 1.0.
 """
 
 from __future__ import annotations
@@ -40,7 +40,14 @@ import torch
 
 from ..actions import kept_count
 
-__all__ = ["measure_sparse_read_factor", "break_even_factor"]
+__all__ = ["measure_sparse_read_factor", "break_even_factor", "PAYS_BELOW"]
+
+# A keep runs the kept-row op where its pruned sites take at most this share of the dense
+# projections' time. A smaller gain is lost to what the calibration does not see (a controlled
+# generate step's decision and accounting, about 1 ms of SmolLM2's 40 ms step) and to its
+# run-to-run spread: SmolLM2's keep 0.5 measured 0.96-1.05 of the dense time on 2026-12-02 and ran
+# the op in some runs, where budgets 0.8-0.6 then decoded 6-8 % more slowly than the base model.
+PAYS_BELOW = 0.9
 
 
 @torch.inference_mode()
@@ -122,21 +129,22 @@ def measure_sparse_read_factor(model, repeats: int = 5, steps: int = 4, prompt_l
         ratio = pruned_s / dense_s
         levels[keep] = {"ms": round(1000 * pruned_s, 3), "step_ms": round(1000 * step_s, 3), "time_ratio": round(ratio, 4),
                         "byte_fraction": round(fractions[keep], 4), "factor": round(ratio / fractions[keep], 4)}
-    factor = break_even_factor([(level["byte_fraction"], level["time_ratio"]) for level in levels.values()])
+    factor = break_even_factor([(level["byte_fraction"], level["time_ratio"]) for level in levels.values()], PAYS_BELOW)
     return {"factor": round(factor, 4), "dense_ms": round(1000 * dense_s, 3), "dense_step_ms": round(1000 * dense_step_s, 3),
             "levels": levels, "repeats": repeats, "steps": steps}
 
 
-def break_even_factor(points: list[tuple[float, float]]) -> float:
-    """``1 / b*`` for the byte fraction ``b*`` where the kept-row op's time ratio to the dense
-    projections reaches 1.0, from measured ``(byte fraction, time ratio)`` points: on the line
-    through the first point at or above 1.0 and the point before it; every point below 1.0:
+def break_even_factor(points: list[tuple[float, float]], pays_below: float = 1.0) -> float:
+    """``1 / b*`` for the byte fraction ``b*`` where the pruned sites' time ratio to the dense
+    projections reaches ``pays_below``, from measured ``(byte fraction, time ratio)`` points: on
+    the line through the first point at or above it and the point before; every point below it:
     through the last two (one point: through the origin); the lowest point already at or above
-    1.0: the largest ``ratio / fraction`` (so that no measured level runs the op). At least 1.0."""
+    it: the largest ``ratio / (fraction * pays_below)`` (so that no measured level runs the op).
+    At least 1.0."""
     points = sorted(points)
-    slower = [i for i, (_, ratio) in enumerate(points) if ratio >= 1.0]
+    slower = [i for i, (_, ratio) in enumerate(points) if ratio >= pays_below]
     if slower and slower[0] == 0:
-        return max(1.0, max(ratio / fraction for fraction, ratio in points))
+        return max(1.0, max(ratio / (fraction * pays_below) for fraction, ratio in points))
     if slower:
         (b0, r0), (b1, r1) = points[slower[0] - 1], points[slower[0]]
     elif len(points) >= 2:
@@ -146,4 +154,4 @@ def break_even_factor(points: list[tuple[float, float]]) -> float:
     slope = (r1 - r0) / (b1 - b0)
     if slope <= 0:  # flat or falling (noise) past the last faster level: every keep below 1.0 pays
         return 1.0
-    return max(1.0, 1.0 / (b0 + (1.0 - r0) / slope))
+    return max(1.0, 1.0 / (b0 + (pays_below - r0) / slope))
