@@ -49,8 +49,11 @@ __all__ = ["LayerExecutor", "quantize_output_hook", "projection_widths", "projec
 # long (the path-choice threshold, see sol_hf.runtime.calibrate), per device type, optionally per
 # weight dtype ("cpu:bfloat16"). One machine's figures; model.calibrate_sparse_read_factor()
 # measures the running one. CPU fp32: on this project's 2-core machine SmolLM2 measured 1.0-1.1
-# with OMP_WAIT_POLICY=PASSIVE and 1.6 with spinning threads (its narrow rows read at 1.5-1.9 of
-# the dense time per byte). CPU bf16: the Llama-3.2-1B shape measured 1.0 under both policies
+# with OMP_WAIT_POLICY=PASSIVE and 1.6 with spinning threads timing the op alone (its narrow rows
+# read at 1.5-1.9 of the dense time per byte), and 1.9-2.2 timing decode steps with a 10 % margin
+# (the calibration since 2026-12-02, session 9): above 1.35, under which uncalibrated budgets
+# 0.8-0.7 decoded 14-20 % more slowly than base there. Not raised yet: tests and documented
+# quality tables reason with 1.35. CPU bf16: the Llama-3.2-1B shape measured 1.0 under both policies
 # (2026-12-02, after the op split rows into runs); 1.25 keeps a margin (was 1.75 for the earlier
 # op). fp16 is not measured again. CUDA: the Triton kernel is built to read at the dense GEMV's
 # bandwidth (not measured yet; a Triton step picks its path without host reads and uses 1.0).
