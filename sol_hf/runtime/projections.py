@@ -136,8 +136,9 @@ def _own_top_k(magnitude: torch.Tensor, counts: torch.Tensor, host_counts: list[
     ``indices`` (count,) in a small batch (one top-k per row costs least), or ``rows`` an (n,)
     int64 tensor of the rows sharing a count and ``indices`` (n, count) for many rows
     (teacher-forced episodes score thousands of rows at a few levels: one top-k per distinct
-    count; the device path's sorted top-k of the widest count, shared by all rows, took 2.5-2.8x as
-    long for 2048 rows and 1.6-1.8x for 4, ``benchmarks/pruned_input_cpu.py``)."""
+    count; the device path's sorted top-k of the widest count, shared by all rows, took 3.1-3.2x as
+    long for 2048 rows and 1.5-2.2x for 4, ``benchmarks/pruned_input_cpu.py``,
+    ``docs/results/pruned_input_cpu_active.json``)."""
     if magnitude.shape[0] <= 8:
         return [(row, torch.topk(magnitude[row], count, sorted=False).indices) for row, count in enumerate(host_counts)]
     picks = []
