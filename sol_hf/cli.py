@@ -41,8 +41,9 @@ _HELP_THREADS = (
     "waiting OpenMP threads sleep instead of spinning: on cores other jobs share, spinning made runs 3-9x slower"
 )
 _HELP_CALIBRATE = (
-    "CPU: first measure how fast this machine's kept-row op reads against the dense projection on the model's own "
-    "weights (about a second), and run it only at keeps where it measured faster; moves the reachable budgets too"
+    "CPU: first time decode steps with the kept-row op (channel selection included) against dense ones on the "
+    "model's own weights (a few seconds), and run it only at keeps where a step measured at least 10%% faster; "
+    "moves the reachable budgets too"
 )
 # Where OpenMP's threads wait: set before torch loads (OpenMP reads it once, at start-up).
 OMP_WAIT_POLICY_DEFAULT = "PASSIVE"
@@ -504,8 +505,8 @@ def _calibrate(model, wanted: bool) -> None:
     except ValueError as err:  # not on the CPU
         raise CLIError(f"--calibrate: {_one_line(err)} (drop --calibrate)") from None
     levels = ", ".join(f"keep {k:g}: {v['time_ratio']:.2f}" for k, v in result["levels"].items())
-    print(f"sol-hf: calibrated {result['key']} sparse read factor {result['factor']:.2f} (kept-row op time / dense "
-          f"projections: {levels})", file=sys.stderr)
+    print(f"sol-hf: calibrated {result['key']} sparse read factor {result['factor']:.2f} (pruned sites' time in a "
+          f"decode step / dense projections': {levels})", file=sys.stderr)
 
 
 def cmd_range(args) -> int:
