@@ -84,11 +84,12 @@ def measure_sparse_read_factor(model, repeats: int = 5, steps: int = 4, prompt_l
     fractions = {keep: sum(kept_count(keep, g.width) * g.row_bytes for g in groups) / full_bytes for keep in keeps}
     bits = max(model.space.bits)
     actions = {"dense": model.space.dense_index, **{keep: model.space.index_of(1.0, keep, bits) for keep in keeps}}
-    prompt = torch.randint(3, model.config.vocab_size, (1, prompt_length), generator=generator).to(device)
+    vocab = model.get_input_embeddings().num_embeddings
+    prompt = torch.randint(3, vocab, (1, prompt_length), generator=generator).to(device)
     cache = model(prompt, use_cache=True).cache
     # A new random token every step: a step reading the kept rows of the same channels as the
     # step before finds many of them in the CPU's cache, which a decode does not.
-    stream = iter(torch.randint(3, model.config.vocab_size, ((repeats + 1) * (len(actions) + 1) * steps, 1, 1),
+    stream = iter(torch.randint(3, vocab, ((repeats + 1) * (len(actions) + 1) * steps, 1, 1),
                                 generator=generator).to(device))
 
     def dense_projections() -> None:
