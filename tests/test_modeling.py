@@ -1056,21 +1056,24 @@ def test_pruned_input_keeps_each_rows_count_of_largest_channels_on_every_path(ro
     assert torch.equal(uniform, _pruned_input(flat, torch.full((rows,), 14), 14, host_sizes=True))
 
 
+@pytest.mark.parametrize("rows", [2, 12])
 @pytest.mark.parametrize("quantize", ["activations", "weights"])
-def test_a_decode_batch_keeps_each_rows_own_channels_on_the_kept_row_path(quantize):
+def test_a_decode_batch_keeps_each_rows_own_channels_on_the_kept_row_path(quantize, rows):
     """Rows of a decode batch at different activation keeps, on the kept-row op (CPU, planned on
     the host), each get the output they get decoded alone, also where |x| has an exact tie at
     each row's boundary (its count-th and next largest magnitudes are equal): each row takes the
     top-k of its own count, the call it makes alone, not a prefix of the batch's widest sorted
-    top-k, which can keep the other channel of the tied pair."""
+    top-k, which can keep the other channel of the tied pair. 12 rows take the many-rows
+    selection (one top-k per distinct count)."""
     from sol_hf.actions import kept_count
     from sol_hf.config import replace
 
     config = replace(WIDE_CONFIG, bits=(8, 16), quantize="weights") if quantize == "weights" else WIDE_CONFIG
     model = SolForCausalLM(tiny_model("llama", **WIDE), config)
-    model.cost_model.sparse_linear_read_factor["cpu"] = 1.0  # the rows' kept channels together stay under the whole weight
+    # low enough that the rows' kept channels together stay under the whole weight: the kept-row op runs
+    model.cost_model.sparse_linear_read_factor["cpu"] = 1.0 if rows == 2 else 0.1
     space, bits = model.space, min(config.bits)
-    keeps = [k for k in space.activation_keep if k < 1.0][:2]
+    keeps = [[k for k in space.activation_keep if k < 1.0][r % 2] for r in range(rows)]
     actions = torch.tensor([space.index_of(1.0, k, bits) for k in keeps])
     generator = torch.Generator().manual_seed(0)
     for group in model._layer_executors[0].groups:
@@ -1079,7 +1082,10 @@ def test_a_decode_batch_keeps_each_rows_own_channels_on_the_kept_row_path(quanti
             order = x[row, 0].abs().argsort(descending=True)
             count = kept_count(keep, group.width)
             x[row, 0, order[count]] = -x[row, 0, order[count - 1]]
-        batch = group.outputs(x, model._step_state(actions, None, 0, None, True, True))
+        step = model._step_state(actions, None, 0, None, True, True)
+        batch = group.outputs(x, step)
+        if quantize == "activations":  # the int8 copies always run their kept-row op on CPU
+            assert group._plan(step, len(keeps), x.device)[1], "the batch ran the masked dense path"
         for row in range(len(keeps)):
             alone = group.outputs(x[row : row + 1].clone(), model._step_state(actions[row : row + 1], None, 0, None, True, True))
             for together, by_itself in zip(batch, alone):
