@@ -217,9 +217,8 @@ class SolForCausalLM(SolHubMixin, nn.Module):
         if self.device.type != "cpu":
             raise ValueError(f"calibrate_sparse_read_factor measures the CPU kept-row op; this model is on {self.device}")
         result = measure_sparse_read_factor(self, repeats=repeats)
-        key = f"cpu:{self.cost_model.bytes.weight_dtype}"
-        self.sparse_linear_read_factor[key] = result["factor"]
-        return {"key": key, **result}
+        self.sparse_linear_read_factor[result["key"]] = result["factor"]
+        return result
 
     @property
     def prepared_weight_bytes(self) -> int:
@@ -363,7 +362,7 @@ class SolForCausalLM(SolHubMixin, nn.Module):
             left_padding=left_padding, total_length=total_length, cache=cache, projections_dense=dense,
         )
         if dense:
-            step.projection_bytes.add(sum(group.full_bytes for executor in self._layer_executors for group in executor.groups))
+            step.projection_bytes.add(self.cost_model.bytes.sparse_total)
         return step
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

@@ -250,10 +250,8 @@ def _make_sol_attention(impl: str):
         # A sliding-window layer reads its bounded window dense: its pages would be counted from a
         # slot that moves every step, so decode and teacher-forced scoring could not agree.
         windowed = layer is not None and runtime.cost_model.bytes.window[layer] > 0
-        if q_len == 1 and (
-            (attention_mask is None and (windowed or (step.host is not None and step.host.all_attention_dense)))
-            or (step.host is not None and step.host.all_attention_dense and _fixed_shape_layer(step, module))
-        ):
+        all_dense = step.host is not None and step.host.all_attention_dense
+        if q_len == 1 and ((attention_mask is None and (windowed or all_dense)) or (all_dense and _fixed_shape_layer(step, module))):
             # Every slot handed over is read: no mask (every slot valid for every row), or a static
             # cache's whole preallocated buffer, which dense attention reads filled or not.
             step.kv_bytes.add(kv_len * token_bytes)

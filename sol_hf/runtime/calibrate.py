@@ -60,14 +60,14 @@ def measure_sparse_read_factor(model, repeats: int = 5, steps: int = 4, prompt_l
     * ``dense_ms``: one row through every pruned site's own projections (the base model's
       forward), layer after layer: the projections' share of a dense step;
     * decode steps of one row (random tokens) after a random ``prompt_length``-token prompt,
-      ``steps`` at a time:
-      the dense action, and every keep level on the kept-row path (the factor is held at 1.0
-      meanwhile, so each level runs it). A level's step minus the dense step is what pruning
+      ``steps`` at a time: the dense action, and every keep level on the kept-row path (the
+      factor is held at 1.0 meanwhile, so each level runs it). A level's step minus the dense step is what pruning
       changed, the top-k selection and each site's per-call work included, so its projections
       took ``dense_ms + (level step - dense step)``.
 
-    Returns a dict: ``factor`` (one over the break-even byte fraction, see the module docstring;
-    at least 1.0), ``dense_ms``, ``dense_step_ms``, and per level ``levels[keep] = {"ms",
+    Returns a dict: ``key`` (the ``sparse_linear_read_factor`` entry it measures,
+    ``"<device>:<weight dtype>"``), ``factor`` (one over the break-even byte fraction, see the
+    module docstring; at least 1.0), ``dense_ms``, ``dense_step_ms``, and per level ``levels[keep] = {"ms",
     "step_ms", "time_ratio", "byte_fraction", "factor"}`` (``ms``: the pruned sites' time per
     step; ``factor``: the level's own time-per-byte ratio). Medians of ``repeats`` rounds.
     """
@@ -131,7 +131,7 @@ def measure_sparse_read_factor(model, repeats: int = 5, steps: int = 4, prompt_l
         levels[keep] = {"ms": round(1000 * pruned_s, 3), "step_ms": round(1000 * step_s, 3), "time_ratio": round(ratio, 4),
                         "byte_fraction": round(fractions[keep], 4), "factor": round(ratio / fractions[keep], 4)}
     factor = break_even_factor([(level["byte_fraction"], level["time_ratio"]) for level in levels.values()], PAYS_BELOW)
-    return {"factor": round(factor, 4), "dense_ms": round(1000 * dense_s, 3), "dense_step_ms": round(1000 * dense_step_s, 3),
+    return {"key": key, "factor": round(factor, 4), "dense_ms": round(1000 * dense_s, 3), "dense_step_ms": round(1000 * dense_step_s, 3),
             "levels": levels, "repeats": repeats, "steps": steps}
 
 

@@ -243,6 +243,10 @@ class _PrunedProjections:
             self._counts[device] = torch.tensor(self.counts_host, dtype=torch.long, device=device)
         return self._counts[device]
 
+    def _host_counts(self, step: StepState) -> list[int]:
+        """Each row's kept channels at this site, from the step's host plan."""
+        return [self.counts_host[i] for i in step.host.activation_index]
+
     def outputs(self, x: torch.Tensor, step: StepState) -> tuple[torch.Tensor, ...]:
         """Every projection's output for input ``x`` (..., Din) under the step's actions; computed
         once per input (the fused projections share it)."""
@@ -264,11 +268,11 @@ class _PrunedProjections:
             # (R, widest): each row reads its count's prefix. Planned on the host: every row's own
             # top-k (the channels it keeps decoded alone); on the device: one sorted top-k.
             if step.host is not None:
-                host_counts = [widest] if uniform else [self.counts_host[i] for i in step.host.activation_index]
+                host_counts = [widest] if uniform else self._host_counts(step)
                 channels = _own_channels(flat.abs(), counts, host_counts)
             else:
                 channels = torch.topk(flat.abs(), widest, dim=-1, sorted=not uniform).indices
-            results = self.kept_row_outputs(flat, channels, counts, lead)
+            results = self._kept_row_outputs(flat, channels, counts, lead)
             if row_bytes_read is not None:
                 step.projection_bytes.add(row_bytes_read)
             else:
@@ -281,8 +285,8 @@ class _PrunedProjections:
         self._last_input, self._last_step, self._last_outputs = x, step, results
         return results
 
-    def kept_row_outputs(self, flat: torch.Tensor, channels: torch.Tensor, counts: torch.Tensor | None,
-                         lead: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    def _kept_row_outputs(self, flat: torch.Tensor, channels: torch.Tensor, counts: torch.Tensor | None,
+                          lead: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
         """Every projection's (*lead, Dout) output from the kept-row op: ``flat`` (R, Din) reading
         the first ``counts[r]`` of ``channels`` (R, K) per row (``None``: all K), the adapters'
         kept rows too."""
@@ -321,7 +325,7 @@ class _PrunedProjections:
             fused = ops.sparse_linear(flat, self.weight_t, channels, counts, self.bias, int8=self.int8, use_int8=flags)
             step.projection_bytes.add(torch.where(flags, counts * int8_bytes, counts * self.row_bytes) + self.bias_bytes)
         else:
-            host_counts = [self.counts_host[i] for i in step.host.activation_index]
+            host_counts = self._host_counts(step)
             quantized_rows = [r for r, bits in enumerate(step.host.bits) if bits < 16]
             if len(quantized_rows) == rows:
                 fused = self._int8_rows(flat, counts, host_counts)
@@ -374,7 +378,7 @@ class _PrunedProjections:
         plan = step.layouts.get(key)
         if plan is None:
             if step.host is not None:  # sizes known on the host: pick the faster path
-                host_counts = [self.counts_host[i] for i in step.host.activation_index]
+                host_counts = self._host_counts(step)
                 widest = max(host_counts)
                 all_kept = min(host_counts) >= self.width
                 factor = read_factor(self.runtime.cost_model.sparse_linear_read_factor, device.type, self.weight_t.dtype)

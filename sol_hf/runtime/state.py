@@ -65,7 +65,7 @@ class HostPlan:
     activation_index: tuple[int, ...]
     attention_keep: tuple[float, ...]
     bits: tuple[int, ...]
-    activation_keep: tuple[float, ...] = ()
+    activation_keep: tuple[float, ...]
 
     @functools.cached_property  # read by every projection and attention call of the step
     def any_quant(self) -> bool:
@@ -77,7 +77,7 @@ class HostPlan:
 
     @functools.cached_property
     def all_channels_kept(self) -> bool:
-        return len(self.activation_keep) > 0 and all(k >= 1.0 for k in self.activation_keep)
+        return all(k >= 1.0 for k in self.activation_keep)
 
 
 @dataclass
