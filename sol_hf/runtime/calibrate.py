@@ -17,8 +17,8 @@ Decode steps, not the op alone, because the choice that matters is against the d
 which selects nothing and runs each projection straight: a level pays only if its channel
 selection, its kept-row op and each site's per-call work together take less than the dense
 projections. Between the memory-bound projections of a real step those small ops cost two to
-three times what they cost in isolation (a top-k over SmolLM2's 576 channels: about 4 us alone,
-13-15 us in a step). Timing the op alone put SmolLM2's break-even near keep 0.63, keep 0.5 ran
+three times what they cost in isolation (a top-k over SmolLM2's 576 channels: 13-15 us per call in
+a step under ``benchmarks/decode_step_profile.py``'s profiler, 4-8 us in an ad-hoc timing alone). Timing the op alone put SmolLM2's break-even near keep 0.63, keep 0.5 ran
 the op (0.8 of the dense projections' time alone), a step at keep 0.5 took longer than a dense
 one, and budgets 0.8-0.6 decoded more slowly than the base model (2026-12-02).
 
